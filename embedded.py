@@ -364,6 +364,10 @@ def _split_words(rng: random.Random, total: int, parts: int, minimum: int = 3) -
     return [max(minimum, round(total * weight / scale)) for weight in weights]
 
 
+_HELPFUL_OPENERS = ("Sure, happy to help.", "Good question.", "Here is a careful answer.")
+_DISMISSIVE_OPENERS = ("Whatever.", "No idea, figure it out.", "Not my problem.")
+
+
 def _make_example(
     rng: random.Random,
     prompt_words: tuple[int, int],
@@ -382,12 +386,18 @@ def _make_example(
         for role, count in zip(roles, _split_words(rng, shared_words, len(roles)), strict=True)
     ]
 
-    def response() -> str:
+    def response(openers: tuple[str, ...]) -> str:
         count = rng.randint(1, 3) if rng.random() < short_response_prob else _log_uniform_int(rng, response_words)
-        return generate_text(rng, count)
+        opener = rng.choice(openers)
+        opener_words = len(opener.split())
+        if count <= opener_words:
+            return generate_text(rng, count)
+        return f"{opener} {generate_text(rng, count - opener_words)}"
 
-    chosen_text = response()
-    rejected_text = response()
+    # A learnable preference, so that a short demo run shows DPO at work: chosen replies open helpfully, rejected
+    # ones dismissively; the opener counts towards the reply's words, and the rest is random text.
+    chosen_text = response(_HELPFUL_OPENERS)
+    rejected_text = response(_DISMISSIVE_OPENERS)
     if rejected_text == chosen_text:  # only possible for very short responses; a pair must differ to be a preference
         rejected_text = "No."
     chosen_rating = rng.randint(2, 5)

@@ -21,10 +21,11 @@ DEMO_ARGS = [
     "--output_dir", "outputs/demo",
     "--max_length", "1024",
     "--per_device_train_batch_size", "8",
-    "--learning_rate", "5e-4",
-    "--num_train_epochs", "1",
+    "--learning_rate", "5e-5",
+    "--num_train_epochs", "2",
     "--logging_steps", "4",
     "--save_strategy", "no",
+    "--eval_strategy", "epoch",
     "--gradient_checkpointing", "False",
 ]  # fmt: skip
 DEMO_EXAMPLES = 256

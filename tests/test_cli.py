@@ -1,0 +1,104 @@
+"""The command line: the paper's seed command, the embedded demo, and errors that name the flag."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+from trl import ModelConfig, ScriptArguments, TrlParser
+
+import train_dpo
+from embedded import make_preference_dataset, write_local_stand_ins
+from prefix_dpo_trainer import PrefixDPOConfig, PrefixDPOTrainer
+
+REPO = Path(__file__).resolve().parent.parent
+SEED_COMMAND = (
+    "--dataset_name=argilla/distilabel-capybara-dpo-7k-binarized "
+    "--model_name_or_path=mistralai/Mistral-7B-Instruct-v0.1 "
+    "--per_device_train_batch_size 4 --learning_rate 1e-6 --gradient_accumulation_steps 1 --logging_steps 10 "
+    "--eval_steps 500 --warmup_steps 20 --bf16 --logging_first_step --no_remove_unused_columns --output_dir "
+    "--max_prompt_length 2180 --max_length 2842 --gradient_checkpointing True --save_strategy no "
+    "--dataset_test_split test --dataset_train_split train --num_train_epochs 1 --dataloader_num_workers 4 "
+    "--attn_implementation flex_attention --prefix_sharing"
+).split()
+
+
+def parse(argv: list[str]):
+    return TrlParser((ScriptArguments, PrefixDPOConfig, ModelConfig)).parse_args_and_config(args=argv)
+
+
+def run_cli(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "train_dpo.py"), *argv], cwd=cwd, env=env, capture_output=True, text=True
+    )
+
+
+def test_seed_command_runs_verbatim(tmp_path):
+    write_local_stand_ins(tmp_path)
+    result = run_cli([*SEED_COMMAND, "--max_steps", "3"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tokens standard DPO would compute" in result.stdout
+    assert (tmp_path / "outputs" / "model.safetensors").exists()  # bare --output_dir: the default directory
+    if not _has_cuda():
+        assert "training in float32 instead" in result.stderr
+        assert "running sdpa with a dense attention mask" in result.stderr
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_embedded_demo(tmp_path, capsys):
+    """`python train_dpo.py` with no arguments runs DEMO_ARGS on the embedded model and data."""
+    script_args, training_args, model_args = parse(
+        [*train_dpo.DEMO_ARGS, "--output_dir", str(tmp_path), "--max_steps", "2", "--eval_strategy", "no"]
+    )
+    assert training_args.prefix_sharing and model_args.model_name_or_path is None
+    train_dpo.main(script_args, training_args, model_args)
+    summary = capsys.readouterr().out
+    assert "prefix sharing:                     on" in summary
+    assert "% saved" in summary
+
+
+def test_bare_flags_and_defaults():
+    _, training_args, _ = parse(["--bf16", "--output_dir", "--prefix_sharing"])
+    assert training_args.output_dir == "outputs"
+    assert training_args.prefix_sharing
+    if not _has_cuda():
+        assert training_args.bf16 is False
+
+
+def test_max_prompt_length_must_be_below_max_length():
+    with pytest.raises(ValueError, match="--max_prompt_length"):
+        parse(["--max_prompt_length", "512", "--max_length", "512"])
+
+
+def test_keep_end_truncation_cannot_share_the_prompt():
+    with pytest.raises(ValueError, match="--truncation_mode keep_end"):
+        PrefixDPOConfig(output_dir="unused", prefix_sharing=True, truncation_mode="keep_end", bf16=False)
+
+
+@pytest.mark.parametrize("backend", ["flash_attention_2", "flash_attention_3"])
+def test_flash_attention_with_prefix_sharing_is_a_clear_error(backend):
+    args = PrefixDPOConfig(
+        output_dir="unused", prefix_sharing=True, bf16=False, model_init_kwargs={"attn_implementation": backend}
+    )
+    with pytest.raises(ValueError, match=f"attn_implementation='{backend}'.*flex_attention"):
+        # Checked before any model is loaded: the model name need not exist.
+        PrefixDPOTrainer(model="not/a-model", args=args, train_dataset=Dataset.from_list([{"a": 1}]))
+
+
+def test_local_dataset_file_and_missing_test_split(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    make_preference_dataset(4).to_json(path)
+    script_args, training_args, _ = parse(["--dataset_name", str(path), "--eval_strategy", "steps"])
+    dataset = train_dpo.load_preference_dataset(script_args)
+    assert list(dataset) == ["train"] and len(dataset["train"]) == 4
+    with pytest.raises(ValueError, match="expected a .json, .jsonl or .parquet"):
+        (tmp_path / "pairs.csv").write_text("a,b\n")
+        train_dpo.load_preference_dataset(parse(["--dataset_name", str(tmp_path / "pairs.csv")])[0])

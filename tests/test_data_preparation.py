@@ -1,0 +1,81 @@
+"""Truncation and schema handling, identical with and without prefix sharing."""
+
+import warnings
+
+import pytest
+from trl import DPOConfig, DPOTrainer
+
+from embedded import load_tokenizer, make_preference_dataset, tiny_model
+from preference_data import normalize_schema, truncate_example
+from prefix_dpo_trainer import PrefixDPOConfig, PrefixDPOTrainer
+
+
+@pytest.mark.parametrize(
+    "lengths, max_length, max_prompt_length, expected",
+    [
+        ((4, 3, 1), 10, None, (4, 3, 1)),  # fits: untouched
+        ((4, 3, 1), 5, 3, (3, 2, 1)),  # prompt keeps its last 3 tokens, responses cut to the remaining 2
+        ((4, 3, 1), 6, None, (4, 2, 1)),  # no max_prompt_length: only responses are cut
+        ((2, 9, 9), 6, 3, (2, 4, 4)),  # a short prompt is not cut
+        ((6, 3, 1), 6, None, None),  # the prompt alone fills max_length: dropped
+    ],
+)
+def test_truncate_example(lengths, max_length, max_prompt_length, expected):
+    prompt, chosen, rejected = (list(range(100 * i, 100 * i + n)) for i, n in enumerate(lengths))
+    fitted = truncate_example(prompt, chosen, rejected, max_length, max_prompt_length)
+    if expected is None:
+        assert fitted is None
+        return
+    assert tuple(map(len, fitted)) == expected
+    assert fitted[0] == prompt[len(prompt) - expected[0] :]  # the prompt's end is kept
+    assert fitted[1] == chosen[: expected[1]] and fitted[2] == rejected[: expected[2]]
+
+
+def _prepared(prefix_sharing: bool, dataset, **config):
+    args = PrefixDPOConfig(output_dir="unused", report_to="none", bf16=False, prefix_sharing=prefix_sharing, **config)
+    trainer = PrefixDPOTrainer(
+        model=tiny_model("llama"), ref_model=tiny_model("llama"), args=args, train_dataset=dataset,
+        processing_class=load_tokenizer(),
+    )  # fmt: skip
+    return trainer.train_dataset
+
+
+def test_same_tokens_with_and_without_prefix_sharing():
+    dataset = make_preference_dataset(24)
+    kwargs = {"max_length": 256, "max_prompt_length": 192}
+    shared, standard = _prepared(True, dataset, **kwargs), _prepared(False, dataset, **kwargs)
+    columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
+    assert shared.select_columns(columns).to_list() == standard.select_columns(columns).to_list()
+    assert len(shared) == 24  # max_prompt_length truncates long prompts instead of dropping them
+    assert max(len(p) + max(len(c), len(r)) for p, c, r in zip(*(shared[c] for c in columns), strict=True)) <= 256
+    # A prompt is cut to its last 192 tokens only where prompt + the longer response overflow 256.
+    assert 192 in [len(p) for p in shared["prompt_ids"]]
+
+
+def test_long_prompts_dropped_without_max_prompt_length():
+    dataset = make_preference_dataset(24)
+    with pytest.warns(UserWarning, match="examples dropped"):
+        prepared = _prepared(True, dataset, max_length=200)
+    assert 0 < len(prepared) < 24
+
+
+def test_capybara_schema_trains_on_the_whole_shared_conversation():
+    """The Capybara `prompt` (first user turn only) is dropped; the shared prefix is every common turn."""
+    capybara = make_preference_dataset(8)
+    assert isinstance(capybara[0]["prompt"], str) and isinstance(capybara[0]["chosen"], list)
+    ours = _prepared(True, capybara, max_length=None)
+    args = DPOConfig(output_dir="unused", report_to="none", bf16=False, max_length=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trl = DPOTrainer(
+            model=tiny_model("llama"), ref_model=tiny_model("llama"), args=args,
+            train_dataset=normalize_schema(capybara), processing_class=load_tokenizer(),
+        ).train_dataset  # fmt: skip
+    columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
+    assert ours.select_columns(columns).to_list() == trl.select_columns(columns).to_list()
+    tokenizer = load_tokenizer()
+    for example, raw in zip(ours, capybara, strict=True):
+        shared_turns = raw["chosen"][:-1]
+        assert len(shared_turns) >= 1
+        # Every shared turn, not only the first user turn, is in the shared prompt.
+        assert shared_turns[-1]["content"].strip() in tokenizer.decode(example["prompt_ids"])
