@@ -35,6 +35,8 @@ import torch
 from transformers import PretrainedConfig
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+from packing import next_fit
+
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 PADDING_SEQUENCE = -1
 # Attention backends that take an arbitrary mask through transformers' attention interface.
@@ -130,19 +132,33 @@ def build_shared_inputs(
 
 @dataclass
 class PrefixSharingCollator(DataCollatorForPreference):
-    """TRL's preference collator, plus the ``shared_inputs`` of one prefix-shared forward per example.
+    """TRL's preference collator, plus the ``shared_inputs`` of one forward that replaces the standard one.
 
-    ``shared_pad_to_multiple_of`` pads the shared rows (FlexAttention compiles once per shape, so padding to a multiple
-    of 128 bounds the number of compilations). Examples must already fit ``max_length``: the trainer truncates them
-    when it prepares the dataset, the same way with and without prefix sharing.
+    Without ``packing_length`` each example is one row, padded to a multiple of ``shared_pad_to_multiple_of``
+    (FlexAttention compiles once per shape, so padding to a multiple of 128 bounds the number of compilations). With
+    it, the examples are packed in order into rows of exactly ``packing_length`` tokens, a new row starting when the
+    next example does not fit: the packed batch sampler hands them over row by row. ``share_prompt=False`` packs
+    ``prompt+chosen`` and ``prompt+rejected`` as two documents (plain DPO packing). Examples must already fit
+    ``max_length``: the trainer truncates them when it prepares the dataset, the same way on every path.
     """
 
     shared_pad_to_multiple_of: int | None = None
+    packing_length: int | None = None
+    share_prompt: bool = True
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = super().torch_call(examples)
+        if self.packing_length is None:
+            rows = [[example] for example in examples]
+        else:
+            lengths = [shared_sequence_length(example, self.share_prompt) for example in examples]
+            rows = [[examples[i] for i in row] for row in next_fit(lengths, self.packing_length)]
         batch["shared_inputs"] = build_shared_inputs(
-            [[example] for example in examples], self.pad_token_id, pad_to_multiple_of=self.shared_pad_to_multiple_of
+            rows,
+            self.pad_token_id,
+            share_prompt=self.share_prompt,
+            length=self.packing_length,
+            pad_to_multiple_of=self.shared_pad_to_multiple_of,
         )
         return batch
 
@@ -175,7 +191,8 @@ def _allowed(shared: dict[str, torch.Tensor], batch, query, key, window: int | N
     same_branch = (branch[batch, key] == PROMPT) | (branch[batch, key] == branch[batch, query])
     allowed = same_document & (key <= query) & same_branch
     if window is not None:
-        allowed = allowed & (position[batch, query] - position[batch, key] < window)
+        # Subtract on the query side only, so a dense mask never holds an (L, L) integer tensor.
+        allowed = allowed & (position[batch, key] > position[batch, query] - window)
     return allowed
 
 

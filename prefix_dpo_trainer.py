@@ -7,6 +7,7 @@ outputs in the standard ``[chosen rows; rejected rows]`` layout, so TRL's losses
 
 import copy
 import functools
+import itertools
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -15,12 +16,21 @@ from typing import Any
 import torch
 from accelerate.utils import is_peft_model
 from transformers import PreTrainedModel
+from transformers.trainer_pt_utils import BatchRebalanceSampler
 from transformers.utils import is_torch_bf16_gpu_available
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import FusedCausalLMOutput
 
-from collators import MASKABLE_BACKENDS, PrefixSharingCollator, attention_mask_for, unsupported_backend_message
+from collators import (
+    MASKABLE_BACKENDS,
+    PrefixSharingCollator,
+    attention_mask_for,
+    attention_windows,
+    shared_sequence_length,
+    unsupported_backend_message,
+)
+from packing import PackedBatchSampler, auto_packing_length, packing_statistics
 from preference_data import normalize_schema, truncate_dataset
 
 PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -46,10 +56,18 @@ class PrefixDPOConfig(DPOConfig):
         },
     )
     enable_packing: bool = field(
-        default=False, metadata={"help": "Pack several examples into each row, up to `packing_length` tokens."}
+        default=False,
+        metadata={
+            "help": "Pack several examples into each row of `packing_length` tokens; `per_device_train_batch_size` "
+            "then counts rows."
+        },
     )
     packing_length: str | None = field(
-        default=None, metadata={"help": "Tokens per packed row: an integer, or `auto` to derive it from the data."}
+        default=None,
+        metadata={
+            "help": "Tokens per packed row: an integer, or `auto` (default): 1.1 x the 95th percentile of the "
+            "example lengths, rounded up to a multiple of 128, times 4, as the paper chose."
+        },
     )
     bf16: bool | None = field(
         default=None,
@@ -88,11 +106,29 @@ class PrefixDPOConfig(DPOConfig):
                 f"--truncation_mode {self.truncation_mode} cuts the prompt differently before each response, so it "
                 "cannot be shared. Use --truncation_mode keep_start with --max_prompt_length."
             )
-        if self.enable_packing or self.packing_length is not None:
-            raise NotImplementedError(
-                "--enable_packing / --packing_length: sequence packing is not built yet. Run without them."
-            )
+        if self.packing_length is not None and not self.enable_packing:
+            raise ValueError("--packing_length is only used with --enable_packing.")
+        if self.enable_packing:
+            self.packing_length = parse_packing_length(self.packing_length)
         super().__post_init__()
+
+
+def parse_packing_length(value: str | int | None) -> str | int:
+    """``auto`` (the default) or a positive number of tokens."""
+    if value is None or str(value).lower() == "auto":
+        return "auto"
+    if isinstance(value, int) or str(value).isdigit():
+        if int(value) > 0:
+            return int(value)
+    raise ValueError(f"--packing_length must be a positive integer or 'auto', got {value!r}.")
+
+
+def cached_attention_mask(shared_inputs: dict[str, Any], config, dtype: torch.dtype):
+    """The batch's attention mask, built once: the policy and the reference forward of a step share it."""
+    key = f"attention_mask:{config._attn_implementation}:{dtype}:{sorted(attention_windows(config).items())}"
+    if key not in shared_inputs:
+        shared_inputs[key] = attention_mask_for(shared_inputs, config, dtype)
+    return shared_inputs[key]
 
 
 def add_shared_forward(model: PreTrainedModel) -> None:
@@ -135,7 +171,7 @@ def add_shared_forward(model: PreTrainedModel) -> None:
             outputs = fused_forward(
                 input_ids=shared_inputs["input_ids"],
                 position_ids=shared_inputs["position_ids"],
-                attention_mask=attention_mask_for(shared_inputs, self.config, self.dtype),
+                attention_mask=cached_attention_mask(shared_inputs, self.config, self.dtype),
                 shift_labels=labels[:, 1:][score_mask].unsqueeze(0),
                 **kwargs,
             )
@@ -165,30 +201,62 @@ def _fall_back_from_flex(model: Any, args: DPOConfig) -> None:
         model.set_attn_implementation("sdpa")
 
 
-class PrefixDPOTrainer(DPOTrainer):
-    """``DPOTrainer`` that, with ``args.prefix_sharing``, computes per-token log-probs from one forward per example.
+class RankBatches(BatchRebalanceSampler):
+    """One process's share of a :class:`PackedBatchSampler`: batches ``rank, rank + W, rank + 2W, ...``.
 
-    With ``prefix_sharing=False`` it is TRL's trainer, plus the token counters it logs and the shared truncation rule
-    (``max_prompt_length``). Policy, reference model and ``precompute_ref_log_probs`` all use the shared forward.
+    Subclassing ``BatchRebalanceSampler`` is how ``Trainer`` recognises a rank-aware batch sampler: it passes it as
+    ``batch_sampler`` and keeps accelerate from sharding it a second time. None of its parent's logic is used.
+    """
+
+    def __init__(self, batches: PackedBatchSampler, num_processes: int, process_index: int):
+        self.batches = batches
+        self.num_processes = num_processes
+        self.process_index = process_index
+        # accelerate's DataLoaderShard.set_epoch reaches a batch sampler's epoch through its `sampler` attribute.
+        self.sampler = batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batches), self.process_index, None, self.num_processes)
+
+    def __len__(self) -> int:
+        return len(self.batches) // self.num_processes
+
+
+class PrefixDPOTrainer(DPOTrainer):
+    """``DPOTrainer`` that computes per-token log-probs from one forward per example (``prefix_sharing``) and/or
+    over packed rows (``enable_packing``).
+
+    With both off it is TRL's trainer, plus the token counters it logs and the shared truncation rule
+    (``max_prompt_length``). Policy, reference model, ``precompute_ref_log_probs`` and evaluation all use the same
+    layout. The loss, its variants and the metrics are TRL's, computed from per-token outputs in TRL's layout.
     """
 
     _tag_names = ["trl", "dpo", "prefix-sharing"]
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, *more_args, **kwargs):
+        self.tokens_computed = 0
+        self.tokens_standard = 0
+        self.examples_trained = 0
         if args is not None:
             self._check_attention_backend(model, ref_model, args)
         super().__init__(model, ref_model, args, *more_args, **kwargs)
-        self._use_shared_forward()
-        self.tokens_computed = 0
-        self.tokens_standard = 0
+        self._use_shared_layout()
 
     @property
     def shares_prefix(self) -> bool:
         return bool(getattr(self.args, "prefix_sharing", False))
 
+    @property
+    def packs(self) -> bool:
+        return bool(getattr(self.args, "enable_packing", False))
+
     @staticmethod
     def _check_attention_backend(model: Any, ref_model: PreTrainedModel | None, args: DPOConfig) -> None:
         backend = _attention_backend(model, args)
+        custom_mask = getattr(args, "prefix_sharing", False) or getattr(args, "enable_packing", False)
         if backend == "flex_attention" and not torch.cuda.is_available():
             warnings.warn(
                 "flex_attention has no backward pass without CUDA: running sdpa with a dense attention mask instead.",
@@ -197,12 +265,12 @@ class PrefixDPOTrainer(DPOTrainer):
             _fall_back_from_flex(model, args)
             if ref_model is not None:
                 _fall_back_from_flex(ref_model, args)
-        elif getattr(args, "prefix_sharing", False) and backend is not None and backend not in MASKABLE_BACKENDS:
+        elif custom_mask and backend is not None and backend not in MASKABLE_BACKENDS:
             raise ValueError(unsupported_backend_message(backend))
 
-    def _use_shared_forward(self) -> None:
+    def _use_shared_layout(self) -> None:
         """Installs the shared forward on the policy and reference model and extends TRL's collator (idempotent)."""
-        if not self.shares_prefix:
+        if not (self.shares_prefix or self.packs):
             return
         config = self.model.config
         if config._attn_implementation not in MASKABLE_BACKENDS:
@@ -210,27 +278,87 @@ class PrefixDPOTrainer(DPOTrainer):
         if self.aux_loss_enabled:
             raise ValueError(
                 f"{config.model_type} adds a router load-balancing loss computed over a padding mask, which the "
-                "prefix-sharing layout does not have. Set --router_aux_loss_coef 0 or train without --prefix_sharing."
+                "shared layout does not have. Set --router_aux_loss_coef 0, or train without --prefix_sharing and "
+                "--enable_packing."
             )
         add_shared_forward(self.model.get_base_model() if is_peft_model(self.model) else self.model)
         if self.ref_model is not None:
             add_shared_forward(self.accelerator.unwrap_model(self.ref_model))
         collator = self.data_collator
-        if type(collator) is DataCollatorForPreference:
-            # FlexAttention compiles once per shape: bucket the shared rows to bound the number of shapes.
-            bucket = 128 if config._attn_implementation == "flex_attention" else collator.pad_to_multiple_of
-            self.data_collator = PrefixSharingCollator(
-                pad_token_id=collator.pad_token_id,
-                max_length=collator.max_length,
-                truncation_mode=collator.truncation_mode,
-                pad_to_multiple_of=collator.pad_to_multiple_of,
-                shared_pad_to_multiple_of=bucket,
-            )
-        elif not isinstance(collator, PrefixSharingCollator):
+        if isinstance(collator, PrefixSharingCollator):
+            return
+        if type(collator) is not DataCollatorForPreference:
             raise ValueError(
-                f"--prefix_sharing needs a PrefixSharingCollator, got a custom {type(collator).__name__}. Leave "
-                "`data_collator` unset."
+                f"--prefix_sharing and --enable_packing need a PrefixSharingCollator; got a custom "
+                f"{type(collator).__name__}. Leave `data_collator` unset."
             )
+        packing_length = self._resolve_packing_length() if self.packs else None
+        # FlexAttention compiles once per shape: bucket unpacked rows to bound the number of shapes.
+        bucket = 128 if config._attn_implementation == "flex_attention" else collator.pad_to_multiple_of
+        self.data_collator = PrefixSharingCollator(
+            pad_token_id=collator.pad_token_id,
+            max_length=collator.max_length,
+            truncation_mode=collator.truncation_mode,
+            pad_to_multiple_of=collator.pad_to_multiple_of,
+            shared_pad_to_multiple_of=bucket,
+            packing_length=packing_length,
+            share_prompt=self.shares_prefix,
+        )
+
+    def _example_lengths(self, dataset) -> list[int]:
+        """Tokens each example takes in the shared layout (prompt counted once with prefix sharing, else twice)."""
+        columns = zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
+        return [
+            shared_sequence_length({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}, self.shares_prefix)
+            for p, c, r in columns
+        ]
+
+    def _resolve_packing_length(self) -> int:
+        lengths = self._example_lengths(self.train_dataset)
+        if self.args.packing_length == "auto":
+            self.args.packing_length, stats = auto_packing_length(lengths)
+            self.accelerator.print(
+                f"--packing_length auto: {self.args.packing_length} tokens per row (1.1 x the 95th percentile "
+                f"{stats['p95']:.0f} of the example lengths, median {stats['median']:.0f}, rounded up to 128, x 4); "
+                f"{stats['mean_examples_per_row']:.2f} examples per row, {stats['efficiency']:.1%} of tokens are "
+                "not padding."
+            )
+        datasets = {"train": self.train_dataset}
+        if isinstance(self.eval_dataset, dict):
+            datasets.update(self.eval_dataset)
+        elif self.eval_dataset is not None:
+            datasets["eval"] = self.eval_dataset
+        for name, dataset in datasets.items():
+            lengths = self._example_lengths(dataset)
+            longest = max(range(len(lengths)), key=lengths.__getitem__)
+            if lengths[longest] > self.args.packing_length:
+                raise ValueError(
+                    f"Example {longest} of the {name} dataset takes {lengths[longest]} tokens, more than "
+                    f"--packing_length {self.args.packing_length}. The smallest packing length that fits every "
+                    f"example is {lengths[longest]}; or lower --max_length to truncate examples."
+                )
+        return self.args.packing_length
+
+    def _packed_batches(self, dataset, rows_per_batch: int, shuffle: bool) -> RankBatches:
+        batches = PackedBatchSampler(
+            self._example_lengths(dataset),
+            self.args.packing_length,
+            rows_per_batch=rows_per_batch,
+            num_processes=self.args.world_size,
+            shuffle=shuffle,
+            seed=self.args.seed,
+        )
+        return RankBatches(batches, self.args.world_size, self.args.process_index)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.packs:
+            return super()._get_train_sampler(train_dataset)
+        return self._packed_batches(train_dataset or self.train_dataset, self.args.per_device_train_batch_size, True)
+
+    def _get_eval_sampler(self, eval_dataset):
+        if not self.packs:
+            return super()._get_eval_sampler(eval_dataset)
+        return self._packed_batches(eval_dataset, self.args.per_device_eval_batch_size, False)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         dataset = normalize_schema(dataset)
@@ -252,8 +380,13 @@ class PrefixDPOTrainer(DPOTrainer):
         return dataset
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        # TRL precomputes inside its __init__, before this class's __init__ could install the shared forward.
-        self._use_shared_forward()
+        # TRL precomputes inside its __init__, before this class's __init__ could install the shared layout.
+        self._use_shared_layout()
+        if self.packs and self.args.precompute_ref_batch_size is None:
+            # TRL batches examples in dataset order (its cache is per example); pack as many as fill the rows of a
+            # batch, instead of padding one example to a whole row.
+            stats = packing_statistics(self._example_lengths(dataset), self.args.packing_length)
+            batch_size = max(1, round(stats["mean_examples_per_row"] * batch_size))
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -261,17 +394,33 @@ class PrefixDPOTrainer(DPOTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _count_tokens(self, inputs: dict[str, Any]) -> None:
-        """Logs the tokens this step's forward computed beside those standard DPO would compute."""
+        """Logs the tokens this step's forward computed beside those standard DPO would compute, and packing."""
         standard = inputs["attention_mask"].sum()
         shared = inputs.get("shared_inputs")
-        computed = standard if shared is None else (shared["sequence_ids"] >= 0).sum()
-        computed, standard = (
-            self.accelerator.gather_for_metrics(torch.stack([computed, standard])[None]).sum(0).tolist()
+        if shared is None:
+            computed, positions, rows = standard, inputs["attention_mask"].numel(), inputs["attention_mask"].shape[0]
+        else:
+            computed, positions, rows = (
+                (shared["sequence_ids"] >= 0).sum(),
+                shared["sequence_ids"].numel(),
+                len(shared["sequence_ids"]),
+            )
+        examples = inputs["attention_mask"].shape[0] // 2
+        counts = torch.stack(
+            [torch.as_tensor(x, device=standard.device) for x in (computed, standard, positions, rows, examples)]
+        )
+        computed, standard, positions, rows, examples = (
+            self.accelerator.gather_for_metrics(counts[None]).sum(0).tolist()
         )
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["tokens/computed"].append(computed)
-        self._metrics[mode]["tokens/standard_dpo"].append(standard)
-        self._metrics[mode]["tokens/saved_share"].append(1 - computed / standard if standard else 0.0)
+        metrics = self._metrics[mode]
+        metrics["tokens/computed"].append(computed)
+        metrics["tokens/standard_dpo"].append(standard)
+        metrics["tokens/saved_share"].append(1 - computed / standard if standard else 0.0)
+        if self.packs:
+            metrics["packing/efficiency"].append(computed / positions)
+            metrics["packing/examples_per_row"].append(examples / rows)
         if mode == "train":
             self.tokens_computed += computed
             self.tokens_standard += standard
+            self.examples_trained += examples

@@ -69,10 +69,13 @@ def make_trainers(
     model_overrides: dict[str, Any] | None = None,
     reference: str = "model",
     tmp_path=None,
+    prefix_sharing: bool = True,
+    packing_length: int | None = None,
     **config: Any,
 ) -> tuple[DPOTrainer, PrefixDPOTrainer]:
     """``reference``: "model" (an explicit reference model), "precompute" (precomputed reference log-probs) or
-    "path" (policy given as a path: TRL loads the reference from it)."""
+    "path" (policy given as a path: TRL loads the reference from it). ``packing_length`` packs our side."""
+    packing = {} if packing_length is None else {"enable_packing": True, "packing_length": str(packing_length)}
     overrides = {"initializer_range": CONTEXT_SENSITIVE_INIT, **(model_overrides or {})}
     policy = tiny_model(model_type, seed=0, **overrides)
     ref_model = perturbed_copy(policy)
@@ -92,7 +95,7 @@ def make_trainers(
     trainers = []
     for trainer_cls, config_cls, extra in (
         (DPOTrainer, DPOConfig, {}),
-        (PrefixDPOTrainer, PrefixDPOConfig, {"prefix_sharing": True}),
+        (PrefixDPOTrainer, PrefixDPOConfig, {"prefix_sharing": prefix_sharing, **packing}),
     ):
         output_dir = str(tmp_path / trainer_cls.__name__) if tmp_path is not None else "/tmp/prefix-dpo-tests"
         args = config_cls(output_dir=output_dir, **common, **extra)

@@ -31,8 +31,10 @@ def test_truncate_example(lengths, max_length, max_prompt_length, expected):
     assert fitted[1] == chosen[: expected[1]] and fitted[2] == rejected[: expected[2]]
 
 
-def _prepared(prefix_sharing: bool, dataset, **config):
-    args = PrefixDPOConfig(output_dir="unused", report_to="none", bf16=False, prefix_sharing=prefix_sharing, **config)
+def _prepared(prefix_sharing: bool, dataset, tmp_path, **config):
+    args = PrefixDPOConfig(
+        output_dir=str(tmp_path), report_to="none", bf16=False, prefix_sharing=prefix_sharing, **config
+    )
     trainer = PrefixDPOTrainer(
         model=tiny_model("llama"), ref_model=tiny_model("llama"), args=args, train_dataset=dataset,
         processing_class=load_tokenizer(),
@@ -40,10 +42,10 @@ def _prepared(prefix_sharing: bool, dataset, **config):
     return trainer.train_dataset
 
 
-def test_same_tokens_with_and_without_prefix_sharing():
+def test_same_tokens_with_and_without_prefix_sharing(tmp_path):
     dataset = make_preference_dataset(24)
     kwargs = {"max_length": 256, "max_prompt_length": 192}
-    shared, standard = _prepared(True, dataset, **kwargs), _prepared(False, dataset, **kwargs)
+    shared, standard = _prepared(True, dataset, tmp_path, **kwargs), _prepared(False, dataset, tmp_path, **kwargs)
     columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
     assert shared.select_columns(columns).to_list() == standard.select_columns(columns).to_list()
     assert len(shared) == 24  # max_prompt_length truncates long prompts instead of dropping them
@@ -52,19 +54,19 @@ def test_same_tokens_with_and_without_prefix_sharing():
     assert 192 in [len(p) for p in shared["prompt_ids"]]
 
 
-def test_long_prompts_dropped_without_max_prompt_length():
+def test_long_prompts_dropped_without_max_prompt_length(tmp_path):
     dataset = make_preference_dataset(24)
     with pytest.warns(UserWarning, match="examples dropped"):
-        prepared = _prepared(True, dataset, max_length=200)
+        prepared = _prepared(True, dataset, tmp_path, max_length=200)
     assert 0 < len(prepared) < 24
 
 
-def test_capybara_schema_trains_on_the_whole_shared_conversation():
+def test_capybara_schema_trains_on_the_whole_shared_conversation(tmp_path):
     """The Capybara `prompt` (first user turn only) is dropped; the shared prefix is every common turn."""
     capybara = make_preference_dataset(8)
     assert isinstance(capybara[0]["prompt"], str) and isinstance(capybara[0]["chosen"], list)
-    ours = _prepared(True, capybara, max_length=None)
-    args = DPOConfig(output_dir="unused", report_to="none", bf16=False, max_length=None)
+    ours = _prepared(True, capybara, tmp_path, max_length=None)
+    args = DPOConfig(output_dir=str(tmp_path), report_to="none", bf16=False, max_length=None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trl = DPOTrainer(

@@ -1,0 +1,86 @@
+"""Packed rows (with and without prefix sharing) against trl.DPOTrainer on the same examples, float32 on CPU."""
+
+import pytest
+from datasets import Dataset
+from dpo_harness import assert_same_step, conversational_rows, make_trainers, plain_text_rows, train_step
+
+from collators import shared_sequence_length
+
+
+def packing_length_for(dataset: Dataset, prefix_sharing: bool) -> int:
+    """Room for about two examples per row, so a batch spans several rows and rows hold several examples."""
+    _, ours = make_trainers(dataset, prefix_sharing=prefix_sharing)
+    lengths = [shared_sequence_length(example, prefix_sharing) for example in ours.train_dataset]
+    return max(max(lengths), 2 * sorted(lengths)[len(lengths) // 2])
+
+
+def compare_packed(dataset: Dataset, prefix_sharing: bool, **kwargs) -> None:
+    length = packing_length_for(dataset, prefix_sharing)
+    trl_trainer, ours = make_trainers(dataset, prefix_sharing=prefix_sharing, packing_length=length, **kwargs)
+    ours_step = train_step(ours)
+    shared = ours_step.batch["shared_inputs"]
+    rows = shared["input_ids"].shape[0]
+    assert shared["input_ids"].shape[1] == length  # every row padded to exactly the packing length
+    assert 1 < rows < len(dataset), "the test must pack several examples into each of several rows"
+    documents_per_row = [len(set(row.tolist()) - {-1}) for row in shared["sequence_ids"]]
+    assert max(documents_per_row) >= (2 if prefix_sharing else 4)
+    assert_same_step(ours_step, train_step(trl_trainer))
+
+
+@pytest.mark.parametrize("prefix_sharing", [True, False], ids=["shared", "unshared"])
+@pytest.mark.parametrize("data", ["conversational", "plain"])
+def test_packed_rows(prefix_sharing, data):
+    dataset = conversational_rows(8) if data == "conversational" else Dataset.from_list(plain_text_rows() * 2)
+    compare_packed(dataset, prefix_sharing)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_packed_loss_types(loss_type):
+    compare_packed(Dataset.from_list(plain_text_rows() * 2), True, loss_type=[loss_type])
+
+
+@pytest.mark.parametrize("config", [{"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}, {"ld_alpha": 0.5}])
+def test_packed_loss_options(config):
+    compare_packed(Dataset.from_list(plain_text_rows() * 2), True, **config)
+
+
+@pytest.mark.parametrize("prefix_sharing", [True, False], ids=["shared", "unshared"])
+def test_packed_precomputed_reference(prefix_sharing, tmp_path):
+    compare_packed(conversational_rows(8), prefix_sharing, reference="precompute", tmp_path=tmp_path)
+
+
+def test_packing_logs_efficiency():
+    dataset = conversational_rows(8)
+    _, ours = make_trainers(dataset, packing_length=packing_length_for(dataset, True))
+    step = train_step(ours)
+    shared = step.batch["shared_inputs"]
+    expected = (shared["sequence_ids"] >= 0).sum().item() / shared["sequence_ids"].numel()
+    assert step.metrics["packing/efficiency"] == pytest.approx(expected)
+    assert step.metrics["packing/examples_per_row"] == pytest.approx(len(dataset) / shared["input_ids"].shape[0])
+
+
+def test_example_longer_than_packing_length_names_it():
+    dataset = conversational_rows(6)
+    _, ours = make_trainers(dataset)
+    lengths = [shared_sequence_length(example) for example in ours.train_dataset]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    with pytest.raises(ValueError, match=rf"Example {longest} of the train dataset takes {lengths[longest]} tokens"):
+        make_trainers(dataset, packing_length=lengths[longest] - 1)
+
+
+def test_packed_training_loop_uses_every_example_once(tmp_path):
+    """Through Trainer's own dataloader: the packed batch sampler, one epoch, every example exactly once."""
+    dataset = conversational_rows(12)
+    length = packing_length_for(dataset, True)
+    _, ours = make_trainers(dataset, packing_length=length, tmp_path=tmp_path)
+    ours.args.per_device_train_batch_size = 1
+    seen = []
+    for batch in ours.get_train_dataloader():
+        assert batch["shared_inputs"]["input_ids"].shape == (1, length)
+        half = len(batch["input_ids"]) // 2  # chosen rows: prompt + chosen, padding stripped
+        seen += [
+            tuple(ids[mask.bool()].tolist())
+            for ids, mask in zip(batch["input_ids"][:half], batch["attention_mask"][:half], strict=True)
+        ]
+    expected = [tuple(example["prompt_ids"] + example["chosen_ids"]) for example in ours.train_dataset]
+    assert sorted(seen) == sorted(expected)

@@ -1,0 +1,264 @@
+"""Tests for packing.py: bin packing, next-fit, the packed batch sampler (also through accelerate), the length rule."""
+
+import math
+
+import pytest
+import torch
+from accelerate.data_loader import prepare_data_loader
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader
+
+from packing import PackedBatchSampler, auto_packing_length, next_fit, pack_rows, packing_statistics
+
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def lognormal_lengths(n: int, seed: int = 0, max_length: int = 8192) -> list[int]:
+    """Token lengths shaped like chat preference data: median ~1200, p95 ~3500, a long tail cut at ``max_length``."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.empty(n).log_normal_(math.log(1200), 0.65, generator=generator)
+    return [min(max_length, max(32, int(value))) for value in values.tolist()]
+
+
+def expected_batches(lengths: list[int], capacity: int, rows_per_batch: int, num_processes: int) -> int:
+    steps = -(-len(pack_rows(lengths, capacity)) // rows_per_batch)
+    return -(-steps // num_processes) * num_processes
+
+
+def flat(batches: list[list[list[int]]]) -> list[int]:
+    return [index for batch in batches for row in batch for index in row]
+
+
+def check_epoch(sampler: PackedBatchSampler, epoch: int) -> list[list[int]]:
+    """Invariants of one epoch; returns the yielded batches."""
+    sampler.set_epoch(epoch)
+    yielded = list(sampler)
+    planned = sampler.batch_rows(epoch)
+    assert len(yielded) == len(sampler) == len(planned)
+    assert len(sampler) % sampler.num_processes == 0
+    lengths, capacity = sampler.lengths, sampler.capacity
+    for batch, rows in zip(yielded, planned, strict=True):
+        assert batch and batch == [index for row in rows for index in row]
+        assert 1 <= len(rows) <= sampler.rows_per_batch
+        assert all(sum(lengths[i] for i in row) <= capacity for row in rows)
+        # What the collator does with the batch gives back exactly the planned rows.
+        assert [[batch[p] for p in row] for row in next_fit([lengths[i] for i in batch], capacity)] == rows
+    seen = [index for batch in yielded for index in batch]
+    assert len(seen) == len(set(seen))
+    if not sampler.drop_last:
+        assert sorted(seen) == list(range(len(lengths)))
+    return yielded
+
+
+# --- pack_rows / next_fit ---------------------------------------------------------------------------------------
+
+
+@FAST
+@given(st.integers(1, 60).flatmap(lambda cap: st.tuples(st.just(cap), st.lists(st.integers(1, cap), max_size=80))))
+def test_pack_rows_places_every_example_once_within_capacity(case: tuple[int, list[int]]) -> None:
+    capacity, lengths = case
+    rows = pack_rows(lengths, capacity)
+    assert sorted(index for row in rows for index in row) == list(range(len(lengths)))
+    assert all(row and sum(lengths[i] for i in row) <= capacity for row in rows)
+    # No two rows could be merged: best fit only opens a row when no open one can take the example.
+    loads = sorted(sum(lengths[i] for i in row) for row in rows)
+    assert len(loads) < 2 or loads[0] + loads[1] > capacity
+
+
+def test_pack_rows_is_fast_on_100k_examples() -> None:
+    import time
+
+    lengths = lognormal_lengths(100_000, max_length=16384)
+    start = time.perf_counter()
+    rows = pack_rows(lengths, 16384)
+    assert time.perf_counter() - start < 1.0
+    assert packing_statistics(lengths, 16384, rows)["padding_share"] < 0.01
+
+
+@pytest.mark.parametrize("packer", [pack_rows, next_fit])
+def test_over_long_example_names_index_length_and_smallest_capacity(packer) -> None:
+    with pytest.raises(ValueError, match=r"example 2 has 12 tokens.*capacity 10.*smallest capacity .* is 15"):
+        packer([3, 4, 12, 15, 1], 10)
+    with pytest.raises(ValueError, match="example 2 has 12 tokens"):
+        PackedBatchSampler([3, 4, 12, 15, 1], capacity=10)
+
+
+@FAST
+@given(st.integers(1, 40).flatmap(lambda cap: st.tuples(st.just(cap), st.lists(st.integers(1, cap), max_size=60))))
+def test_next_fit_keeps_order_and_fills_greedily(case: tuple[int, list[int]]) -> None:
+    capacity, lengths = case
+    rows = next_fit(lengths, capacity)
+    assert [p for row in rows for p in row] == list(range(len(lengths)))
+    loads = [sum(lengths[p] for p in row) for row in rows]
+    assert all(load <= capacity for load in loads)
+    assert all(loads[r] + lengths[rows[r + 1][0]] > capacity for r in range(len(rows) - 1))
+
+
+# --- the sampler ---------------------------------------------------------------------------------------------------
+
+sampler_cases = st.integers(4, 48).flatmap(
+    lambda cap: st.fixed_dictionaries(
+        {
+            "lengths": st.lists(st.integers(1, cap), max_size=70),
+            "capacity": st.just(cap),
+            "rows_per_batch": st.integers(1, 4),
+            "num_processes": st.integers(1, 4),
+            "shuffle": st.booleans(),
+            "seed": st.integers(0, 2**16),
+            "drop_last": st.booleans(),
+            # Small windows exercise the windowed packing and its fallback to bigger windows.
+            "window_size": st.integers(1, 24),
+        }
+    )
+)
+
+
+@FAST
+@given(sampler_cases, st.integers(0, 5))
+def test_sampler_epochs_cover_every_example_once_with_a_fixed_length(case: dict, epoch: int) -> None:
+    lengths, capacity = case["lengths"], case["capacity"]
+    rows_per_batch, num_processes = case["rows_per_batch"], case["num_processes"]
+    if case["drop_last"]:
+        full_steps = len(pack_rows(lengths, capacity)) // rows_per_batch // num_processes
+        if full_steps == 0:
+            with pytest.raises(ValueError, match="not one full step"):
+                PackedBatchSampler(**case)
+            return
+        sampler = PackedBatchSampler(**case)
+        assert len(sampler) == full_steps * num_processes
+    else:
+        batches = expected_batches(lengths, capacity, rows_per_batch, num_processes)
+        if batches > len(lengths):
+            with pytest.raises(ValueError, match="cannot fill"):
+                PackedBatchSampler(**case)
+            return
+        sampler = PackedBatchSampler(**case)
+        assert len(sampler) == batches
+    check_epoch(sampler, epoch)
+    check_epoch(sampler, epoch + 1)
+
+
+def test_too_few_examples_for_the_processes() -> None:
+    with pytest.raises(ValueError, match="3 example.*cannot fill 4 batches"):
+        PackedBatchSampler([5, 5, 5], capacity=10, num_processes=4)
+    # Splitting a row gives the fourth batch: no example repeated.
+    sampler = PackedBatchSampler([2, 2, 2, 2], capacity=10, num_processes=4)
+    assert [len(batch) for batch in check_epoch(sampler, 0)] == [1, 1, 1, 1]
+
+
+def test_same_seed_and_epoch_same_batches_and_epochs_differ() -> None:
+    lengths = lognormal_lengths(3000, seed=1)
+    capacity, _ = auto_packing_length(lengths)
+    first = PackedBatchSampler(lengths, capacity, rows_per_batch=2, num_processes=2, seed=7)
+    second = PackedBatchSampler(lengths, capacity, rows_per_batch=2, num_processes=2, seed=7)
+    for epoch in (0, 1):
+        first.set_epoch(epoch)
+        second.set_epoch(epoch)
+        assert list(first) == list(second)
+    assert list(first) == [[index for row in batch for index in row] for batch in first.batch_rows(1)]
+    epoch0, epoch1 = first.batch_rows(0), first.batch_rows(1)
+    assert len(epoch0) == len(epoch1)
+    assert flat(epoch0) != flat(epoch1)
+    # Not only the order: which examples share a row changes too.
+    rows0 = {frozenset(row) for batch in epoch0 for row in batch}
+    rows1 = {frozenset(row) for batch in epoch1 for row in batch}
+    assert len(rows0 & rows1) < len(rows0) / 2
+    other_seed = PackedBatchSampler(lengths, capacity, rows_per_batch=2, num_processes=2, seed=8)
+    assert flat(other_seed.batch_rows(0)) != flat(epoch0)
+
+
+def test_unshuffled_is_in_dataset_order_and_the_same_every_epoch() -> None:
+    sampler = PackedBatchSampler([6, 4, 5, 5, 3, 9, 2], capacity=10, num_processes=2, shuffle=False)
+    assert list(sampler) == [[0, 1], [2, 3], [4, 6], [5]]
+    sampler.set_epoch(3)
+    assert list(sampler) == [[0, 1], [2, 3], [4, 6], [5]]
+    lengths = lognormal_lengths(500, seed=2)
+    sampler = PackedBatchSampler(lengths, 8192, rows_per_batch=3, shuffle=False)
+    firsts = [batch[0] for batch in sampler]
+    assert firsts == sorted(firsts) and firsts[0] == 0
+    check_epoch(sampler, 0)
+
+
+def test_padding_share_is_low_on_realistic_lengths() -> None:
+    lengths = lognormal_lengths(4000, seed=3)
+    capacity, stats = auto_packing_length(lengths)
+    assert stats["packing_efficiency"] > 0.9
+    sampler = PackedBatchSampler(lengths, capacity, rows_per_batch=2, num_processes=4, seed=0)
+    for epoch in (0, 1):
+        rows = [row for batch in sampler.batch_rows(epoch) for row in batch]
+        epoch_stats = packing_statistics(lengths, capacity, rows)
+        assert epoch_stats["num_examples"] == len(lengths)
+        assert epoch_stats["padding_share"] < 0.10
+        assert epoch_stats["mean_examples_per_row"] > 4
+    # Tighter rows (about two examples each) still pack well.
+    capacity, _ = auto_packing_length(lengths, examples_per_row=2)
+    rows = [row for batch in PackedBatchSampler(lengths, capacity, num_processes=8).batch_rows() for row in batch]
+    assert packing_statistics(lengths, capacity, rows)["padding_share"] < 0.10
+
+
+# --- through accelerate ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_processes", [2, 3])
+@pytest.mark.parametrize("rows_per_batch", [1, 3])
+def test_accelerate_ranks_take_equal_steps_and_disjoint_batches(num_processes: int, rows_per_batch: int) -> None:
+    lengths = lognormal_lengths(401, seed=4)
+    loaders, samplers = [], []
+    for rank in range(num_processes):
+        sampler = PackedBatchSampler(lengths, 8192, rows_per_batch=rows_per_batch, num_processes=num_processes)
+        loader = DataLoader(list(range(len(lengths))), batch_sampler=sampler, collate_fn=list)
+        loaders.append(prepare_data_loader(loader, num_processes=num_processes, process_index=rank))
+        samplers.append(sampler)
+    for epoch in (0, 1):
+        per_rank = []
+        for loader, sampler in zip(loaders, samplers, strict=True):
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            # set_epoch on the prepared loader reaches the sampler (through its `sampler` attribute).
+            assert sampler.epoch == epoch
+            assert len(batches) == len(loader) == len(sampler) // num_processes
+            per_rank.append(batches)
+        seen = [index for batches in per_rank for batch in batches for index in batch]
+        assert sorted(seen) == list(range(len(lengths)))
+        # Rank k gets batches k, k + W, ... of the sampler.
+        assert [batch for step in zip(*per_rank, strict=True) for batch in step] == list(samplers[0])
+
+
+def test_accelerate_advances_the_epoch_on_its_own() -> None:
+    sampler = PackedBatchSampler(lognormal_lengths(200, seed=5), 8192, num_processes=2)
+    loader = DataLoader(list(range(200)), batch_sampler=sampler, collate_fn=list)
+    prepared = prepare_data_loader(loader, num_processes=2, process_index=0)
+    first, second = list(prepared), list(prepared)
+    assert sampler.epoch == 1 and first != second
+
+
+# --- the packing length rule --------------------------------------------------------------------------------------
+
+
+def test_auto_packing_length_follows_the_rule() -> None:
+    length, stats = auto_packing_length([3600] * 20)  # Capybara: p95 ~3600 -> 3968 x 4
+    assert length == 15872 and stats["per_example_length"] == 3968 and stats["p95"] == 3600
+    length, stats = auto_packing_length([100] * 99 + [20000])  # never below the longest example
+    assert length == 20096 and stats["raised_to_longest"] and stats["max"] == 20000
+    assert auto_packing_length(list(range(1, 101)), examples_per_row=1, multiple=8)[0] == 112  # 1.1 x 95.05
+    lengths = lognormal_lengths(2000, seed=6)
+    length, stats = auto_packing_length(lengths)
+    assert set(stats) >= {"median", "p95", "max", "packing_length", "mean_examples_per_row", "packing_efficiency"}
+    assert length % 128 == 0 and length >= max(lengths) and stats["packing_length"] == length
+    with pytest.raises(ValueError):
+        auto_packing_length([])
+
+
+def test_packing_statistics() -> None:
+    stats = packing_statistics([6, 4, 5, 5, 3], capacity=10)
+    assert stats == {
+        "num_examples": 5,
+        "num_rows": 3,
+        "capacity": 10,
+        "tokens": 23,
+        "mean_examples_per_row": 5 / 3,
+        "packing_efficiency": 23 / 30,
+        "padding_share": 1 - 23 / 30,
+    }
+    assert packing_statistics([], capacity=10)["num_rows"] == 0
