@@ -95,7 +95,7 @@ def main(script_args: ScriptArguments, training_args: PrefixDPOConfig, model_arg
     trainer.accelerator.print(
         "\nSummary\n"
         f"  prefix sharing:                     {'on' if training_args.prefix_sharing else 'off'}\n"
-        f"  samples/s:                          {result.metrics['train_samples_per_second']:.2f}\n"
+        f"  samples/s:                          {trainer.examples_trained / result.metrics['train_runtime']:.2f}\n"
         f"  tokens computed:                    {computed:,}\n"
         f"  tokens standard DPO would compute:  {standard:,} ({1 - computed / max(standard, 1):.1%} saved)\n"
         f"  model saved to:                     {training_args.output_dir}"

@@ -24,6 +24,16 @@ SEED_COMMAND = (
     "--attn_implementation flex_attention --prefix_sharing"
 ).split()
 
+PACKING_SEED_COMMAND = (
+    "--dataset_name=argilla/distilabel-capybara-dpo-7k-binarized "
+    "--model_name_or_path=mistralai/Mistral-7B-Instruct-v0.1 "
+    "--per_device_train_batch_size 1 --learning_rate 1e-6 --gradient_accumulation_steps 1 --logging_steps 10 "
+    "--eval_steps 500 --warmup_steps 20 --bf16 --logging_first_step --no_remove_unused_columns --output_dir outputs "
+    "--max_prompt_length 2180 --max_length 2842 --gradient_checkpointing True --save_strategy no "
+    "--dataset_test_split test --dataset_train_split train --num_train_epochs 1 --dataloader_num_workers 4 "
+    "--attn_implementation flex_attention --prefix_sharing --enable_packing --packing_length 15872"
+).split()
+
 
 def parse(argv: list[str]):
     return TrlParser((ScriptArguments, PrefixDPOConfig, ModelConfig)).parse_args_and_config(args=argv)
@@ -45,6 +55,15 @@ def test_seed_command_runs_verbatim(tmp_path):
     if not _has_cuda():
         assert "training in float32 instead" in result.stderr
         assert "running sdpa with a dense attention mask" in result.stderr
+
+
+def test_packing_seed_command_runs_verbatim(tmp_path):
+    """The paper's packing command: batch of one 15872-token row, prefix sharing + packing."""
+    write_local_stand_ins(tmp_path)
+    result = run_cli([*PACKING_SEED_COMMAND, "--max_steps", "3"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "packing/efficiency" in result.stdout + result.stderr
+    assert (tmp_path / "outputs" / "model.safetensors").exists()
 
 
 def _has_cuda() -> bool:
