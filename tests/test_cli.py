@@ -121,3 +121,15 @@ def test_local_dataset_file_and_missing_test_split(tmp_path):
     with pytest.raises(ValueError, match="expected a .json, .jsonl or .parquet"):
         (tmp_path / "pairs.csv").write_text("a,b\n")
         train_dpo.load_preference_dataset(parse(["--dataset_name", str(tmp_path / "pairs.csv")])[0])
+
+
+def test_config_file(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("prefix_sharing: true\nmax_length: 512\nmax_prompt_length: 384\nenable_packing: true\n")
+    _, training_args, _ = parse(["--config", str(config), "--packing_length", "4096"])
+    assert training_args.prefix_sharing and training_args.enable_packing
+    assert (training_args.max_length, training_args.max_prompt_length, training_args.packing_length) == (
+        512,
+        384,
+        4096,
+    )

@@ -1,6 +1,7 @@
 """Packed rows (with and without prefix sharing) against trl.DPOTrainer on the same examples, float32 on CPU."""
 
 import pytest
+import torch
 from datasets import Dataset
 from dpo_harness import assert_same_step, conversational_rows, make_trainers, plain_text_rows, train_step
 
@@ -84,3 +85,15 @@ def test_packed_training_loop_uses_every_example_once(tmp_path):
         ]
     expected = [tuple(example["prompt_ids"] + example["chosen_ids"]) for example in ours.train_dataset]
     assert sorted(seen) == sorted(expected)
+
+
+def test_packed_evaluation(tmp_path):
+    """Evaluation goes through the packed batch sampler (unshuffled) and logs TRL's and the packing metrics."""
+    dataset = conversational_rows(8)
+    _, ours = make_trainers(dataset, packing_length=packing_length_for(dataset, True), tmp_path=tmp_path)
+    ours.args.per_device_eval_batch_size = 1
+    loader = ours.get_eval_dataloader(ours.train_dataset)
+    assert sum(len(batch["input_ids"]) // 2 for batch in loader) == len(dataset)
+    metrics = ours.evaluate(ours.train_dataset)
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+    assert 0 < metrics["eval_packing/efficiency"] <= 1 and metrics["eval_rewards/accuracies"] >= 0
