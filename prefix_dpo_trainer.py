@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
+from datasets import IterableDataset
 from transformers import PreTrainedModel
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 from transformers.utils import is_torch_bf16_gpu_available
@@ -314,6 +315,11 @@ class PrefixDPOTrainer(DPOTrainer):
         ]
 
     def _resolve_packing_length(self) -> int:
+        if isinstance(self.train_dataset, IterableDataset):
+            raise ValueError(
+                "--enable_packing plans each epoch's rows from every example's length, which a streamed dataset "
+                "does not give up front. Drop --dataset_streaming or --enable_packing."
+            )
         lengths = self._example_lengths(self.train_dataset)
         if self.args.packing_length == "auto":
             self.args.packing_length, stats = auto_packing_length(lengths)
