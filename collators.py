@@ -164,9 +164,24 @@ class PrefixSharingCollator(DataCollatorForPreference):
 
 
 def attention_windows(config: PretrainedConfig) -> dict[str, int | None]:
-    """The attention kinds a model's layers use, each with its sliding window (``None`` for full attention)."""
-    sliding_window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
+    """The attention kinds a model's layers use, each with its sliding window (``None`` for full attention).
+
+    Raises ``ValueError`` for attention that a mask cannot express under the model's backend: layer kinds other than
+    full and sliding-window attention, and attention-logit soft-capping (Gemma 2) under sdpa, which has no way to
+    apply it. transformers refuses sdpa for Gemma 2 at load time and raises in the forward when a soft-cap reaches
+    sdpa anyway (a forced ``config._attn_implementation``, or Gemma 3 given a soft-cap); this says so up front,
+    naming the model type and what to use instead.
+    """
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text_config, "attn_logit_softcapping", None)
+    if softcap is not None and getattr(config, "_attn_implementation", None) == "sdpa":
+        raise ValueError(
+            f"Model type '{config.model_type}' soft-caps its attention logits (attn_logit_softcapping={softcap}), "
+            "which sdpa cannot apply. Use --attn_implementation eager, or flex_attention on GPU (block-sparse, and "
+            "it applies the soft-cap)."
+        )
+    sliding_window = getattr(text_config, "sliding_window", None)
+    layer_types = getattr(text_config, "layer_types", None)
     if not layer_types:
         kind = "full_attention" if sliding_window is None else "sliding_attention"
         return {kind: sliding_window}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import is_peft_model
 from datasets import IterableDataset
 from transformers import PreTrainedModel
@@ -202,6 +203,17 @@ def _fall_back_from_flex(model: Any, args: DPOConfig) -> None:
         model.set_attn_implementation("sdpa")
 
 
+def gather_uneven(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """``accelerator.gather`` for tensors whose first dimension differs between processes (padded, then trimmed)."""
+    gather = type(accelerator).gather
+    if tensor.ndim == 0 or accelerator.num_processes == 1:
+        return gather(accelerator, tensor)
+    sizes = gather(accelerator, torch.tensor([len(tensor)], device=tensor.device)).tolist()
+    padded = gather(accelerator, accelerator.pad_across_processes(tensor, dim=0))
+    width = max(sizes)
+    return torch.cat([padded[rank * width : rank * width + size] for rank, size in enumerate(sizes)])
+
+
 class RankBatches(BatchRebalanceSampler):
     """One process's share of a :class:`PackedBatchSampler`: batches ``rank, rank + W, rank + 2W, ...``.
 
@@ -245,6 +257,10 @@ class PrefixDPOTrainer(DPOTrainer):
             self._check_attention_backend(model, ref_model, args)
         super().__init__(model, ref_model, args, *more_args, **kwargs)
         self._use_shared_layout()
+        if self.packs and self.accelerator.num_processes > 1:
+            # Packed batches hold a different number of examples on each process, and TRL gathers its per-example
+            # metrics (rewards, log-probs) with `accelerator.gather`, which needs the same shape on every process.
+            self.accelerator.gather = functools.partial(gather_uneven, self.accelerator)
 
     @property
     def shares_prefix(self) -> bool:
@@ -276,6 +292,7 @@ class PrefixDPOTrainer(DPOTrainer):
         config = self.model.config
         if config._attn_implementation not in MASKABLE_BACKENDS:
             raise ValueError(unsupported_backend_message(config._attn_implementation))
+        attention_windows(config)  # raises, naming the model type, for attention that a mask cannot express
         if self.aux_loss_enabled:
             raise ValueError(
                 f"{config.model_type} adds a router load-balancing loss computed over a padding mask, which the "
@@ -355,6 +372,16 @@ class PrefixDPOTrainer(DPOTrainer):
             seed=self.args.seed,
         )
         return RankBatches(batches, self.args.world_size, self.args.process_index)
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        dataloader = super().get_train_dataloader()
+        batches = getattr(dataloader.batch_sampler, "batch_sampler", dataloader.batch_sampler)
+        if isinstance(batches, RankBatches) and hasattr(dataloader, "set_sampler"):
+            # On a mid-epoch resume, accelerate's skip_first_batches rebuilds the loader, and on several processes its
+            # set_epoch only reaches a sampler the BatchSamplerShard exposes as `sampler`: accelerate sets it for its
+            # own seeded sampler, we do for ours. Without it the resumed epoch replays epoch 0's batches.
+            dataloader.set_sampler(batches.sampler)
+        return dataloader
 
     def _get_train_sampler(self, train_dataset=None):
         if not self.packs:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from datasets import DatasetDict, load_dataset
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import IntervalStrategy
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
@@ -56,13 +57,23 @@ def embedded_model_path(output_dir: str) -> str:
 
     path = Path(output_dir) / "embedded-tiny-llama"
     if not (path / "config.json").exists():
+        if is_deepspeed_zero3_enabled():
+            raise ValueError(
+                "The embedded demo model is built on the fly, and ZeRO-3 would partition it before it is saved. "
+                f"Write it once without ZeRO-3 (`python train_dpo.py --output_dir {output_dir} --max_steps 1` leaves "
+                f"it in {path}), or pass --model_name_or_path."
+            )
         tiny_model("llama").save_pretrained(path)
         load_tokenizer().save_pretrained(path)
     return str(path)
 
 
 def main(script_args: ScriptArguments, training_args: PrefixDPOConfig, model_args: ModelConfig) -> None:
-    model_name = model_args.model_name_or_path or embedded_model_path(training_args.output_dir)
+    model_name = model_args.model_name_or_path
+    if model_name is None:
+        # One process writes it; the others wait and read it.
+        with training_args.main_process_first(desc="writing the embedded model"):
+            model_name = embedded_model_path(training_args.output_dir)
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
         "trust_remote_code": training_args.trust_remote_code,
@@ -92,10 +103,25 @@ def main(script_args: ScriptArguments, training_args: PrefixDPOConfig, model_arg
     trainer.save_model(training_args.output_dir)
 
     computed, standard = trainer.tokens_computed, trainer.tokens_standard
+    runtime = result.metrics["train_runtime"]
+    # Local imports keep this block self-contained: benchmark/run_capybara.sh parses the lines it prints.
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        peak_memory = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA max allocated, this process)"
+    else:
+        # ru_maxrss is in KiB on Linux, in bytes on macOS.
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        peak_memory = f"{rss / 2**30:.2f} GiB (process max RSS)"
     trainer.accelerator.print(
         "\nSummary\n"
         f"  prefix sharing:                     {'on' if training_args.prefix_sharing else 'off'}\n"
-        f"  samples/s:                          {trainer.examples_trained / result.metrics['train_runtime']:.2f}\n"
+        f"  samples/s:                          {trainer.examples_trained / runtime:.2f}\n"
+        f"  tokens/s:                           {standard / runtime:,.0f} standard-DPO tokens "
+        f"({computed / runtime:,.0f} computed)\n"
+        f"  peak memory:                        {peak_memory}\n"
         f"  tokens computed:                    {computed:,}\n"
         f"  tokens standard DPO would compute:  {standard:,} ({1 - computed / max(standard, 1):.1%} saved)\n"
         f"  model saved to:                     {training_args.output_dir}"

@@ -1,0 +1,589 @@
+"""Scaling out: the accelerate configs, several processes, DeepSpeed ZeRO-3, resuming, and TRL's features.
+
+Several processes run on the CPU over gloo: ``accelerate launch --config_file configs/ddp.yaml --num_processes 2``
+with ``use_cpu`` in the training arguments (``accelerate launch --cpu`` would start a single process). How the
+global batches line up with one process:
+
+* Without packing, ``Trainer`` samples with a ``RandomSampler`` that accelerate reseeds identically everywhere
+  (``SeedableRandomSampler``); ``BatchSamplerShard`` deals batch ``i`` of ``per_device`` examples to process
+  ``i % W``. Two processes of 2 examples therefore train at each step the 4 examples that one process of 4 trains,
+  and DDP's average of the two per-process mean losses is the mean over the 4: same losses, same weights.
+* With packing, the loss of a process is the mean over the examples of its rows, and rows hold different numbers of
+  examples, so one process with 2 rows per batch is not the same thing (it averages over all examples). What is the
+  same is one process accumulating gradients over 2 batches of the plan made for 2 processes: it trains batches
+  ``2s`` and ``2s + 1`` at step ``s``, which the two processes train side by side, and averages the two losses as
+  DDP averages their gradients (``distributed_worker.TwoProcessPlan``).
+
+DeepSpeed runs on the CPU too, but accelerate 1.15 reports one process per rank there (``num_processes`` 1 on each
+of two ranks, so data would not be sharded): ZeRO-3 is checked with one process, which still partitions the models,
+wraps the reference model (and, with ``precompute_ref_log_probs``, the policy) in DeepSpeed engines and runs them.
+FSDP needs GPUs (accelerate only enables it for GPU-like devices); its config is checked as accelerate reads it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import distributed_worker as worker
+import pytest
+import torch
+from datasets import Dataset
+from dpo_harness import (
+    CONTEXT_SENSITIVE_INIT,
+    assert_same_step,
+    perturbed_copy,
+    relative_error,
+    train_step,
+)
+from peft import LoraConfig
+from trl import DPOConfig, DPOTrainer, ModelConfig, ScriptArguments, TrlParser
+
+import train_dpo
+from embedded import load_tokenizer, make_preference_dataset, tiny_model
+from preference_data import normalize_schema
+from prefix_dpo_trainer import PrefixDPOConfig, PrefixDPOTrainer
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+LAUNCH_TIMEOUT = 300
+# Losses and weights of runs that differ only in how a global batch is split between processes (float32, different
+# summation orders, a few optimizer steps).
+RUN_RTOL = 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# accelerate configs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def launch_args(config: str, *extra: str):
+    """What ``accelerate launch --config_file configs/<config>.yaml`` makes of the file, before it starts anything."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / f"{config}.yaml"), *extra, "x.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    return args, defaults
+
+
+@pytest.mark.parametrize(
+    "config, distributed_type, processes, machines",
+    [
+        ("single_gpu", "NO", 1, 1),
+        ("ddp", "MULTI_GPU", 8, 1),
+        ("fsdp", "FSDP", 8, 1),
+        ("zero3", "DEEPSPEED", 8, 1),
+        ("zero3_multinode", "DEEPSPEED", 16, 2),
+    ],
+)
+def test_config_loads(config, distributed_type, processes, machines):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = load_config_from_file(str(CONFIGS / f"{config}.yaml"))  # raises on keys accelerate does not know
+    assert (loaded.distributed_type, loaded.num_processes, loaded.num_machines) == (
+        distributed_type,
+        processes,
+        machines,
+    )
+    assert loaded.mixed_precision == "bf16"
+    args, _ = launch_args(config)
+    assert (args.num_processes, args.num_machines, args.mixed_precision) == (processes, machines, "bf16")
+    assert args.use_deepspeed == (distributed_type == "DEEPSPEED")
+    assert args.use_fsdp == (distributed_type == "FSDP")
+    assert args.multi_gpu == (distributed_type == "MULTI_GPU")
+
+
+@pytest.mark.parametrize("config", ["zero3", "zero3_multinode"])
+def test_zero3_config_builds_the_deepspeed_plugin(config, monkeypatch):
+    """The environment accelerate's launcher hands the processes, read back by accelerate's DeepSpeedPlugin."""
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    args, defaults = launch_args(config, "--main_process_port", "29555")
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+    command, env = prepare_deepspeed_cmd_env(args)
+    assert command is None  # the standard launcher: torchrun on each machine, no hostfile
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    plugin = DeepSpeedPlugin()
+    zero = plugin.deepspeed_config["zero_optimization"]
+    assert (plugin.zero_stage, plugin.zero3_init_flag) == (3, True)
+    assert zero["offload_param"]["device"] == zero["offload_optimizer"]["device"] == "none"
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    if config == "zero3_multinode":
+        assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "8", 0)
+        assert (args.rdzv_backend, args.rdzv_endpoint) == ("static", "10.0.0.1:29555")
+
+
+def test_fsdp_config_builds_an_fsdp2_plugin(monkeypatch):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args, _ = launch_args("fsdp", "--main_process_port", "29556")
+    for key, value in prepare_multi_gpu_env(args).items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2
+    assert plugin.reshard_after_forward is True
+    assert plugin.cpu_ram_efficient_loading is True
+    assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
+    assert args.nproc_per_node == "8"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Launched runs (module fixtures: each launch is shared by the tests that read it)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    load_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def launch(config: str, num_processes: int, scenarios: list[str], model: str, out: Path) -> str:
+    """Runs ``distributed_worker.py`` under ``accelerate launch``; returns its output. Does not raise: a scenario
+    that failed is missing from ``out``, and the test reading it shows this output."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{config}.yaml"),
+        "--num_processes", str(num_processes), "--mixed_precision", "no", "--main_process_port", str(free_port()),
+        str(REPO / "tests" / "distributed_worker.py"), "--model", model, "--out", str(out), *scenarios,
+    ]  # fmt: skip
+    env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"}
+    # A session of its own, so that a timeout ends the launcher's worker processes too.
+    process = subprocess.Popen(
+        command, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        output += f"\n[killed after {LAUNCH_TIMEOUT} s]"
+    return output
+
+
+class Launched:
+    def __init__(self, out: Path, output: str, num_processes: int) -> None:
+        self.out = out
+        self.output = output
+        self.num_processes = num_processes
+
+    def excerpt(self) -> str:
+        """The first traceback of the output (the failure, rather than the launcher's report of it), or its end."""
+        lines = [line for line in self.output.splitlines() if "Warning" not in line and "warnings.warn" not in line]
+        first = next((i for i, line in enumerate(lines) if "Traceback" in line), max(0, len(lines) - 60))
+        return "\n".join(lines[first : first + 60])
+
+    def ranks(self, scenario: str) -> list[dict[str, Any]]:
+        paths = [self.out / f"{scenario}.rank{rank}.json" for rank in range(self.num_processes)]
+        missing = [path.name for path in paths if not path.exists()]
+        assert not missing, f"scenario {scenario} did not finish; the launch printed:\n{self.excerpt()}"
+        return [json.loads(path.read_text()) for path in paths]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, model_dir) -> Launched:
+    """configs/ddp.yaml on 2 CPU processes. Packing goes last: should it fail, the other scenarios are kept."""
+    out = tmp_path_factory.mktemp("two-processes")
+    scenarios = ["cli", "shared", "shared_resume", "packed", "packed_resume"]
+    output = launch("ddp", 2, scenarios, model_dir, out)
+    (out / "launch.log").write_text(output)
+    return Launched(out, output, 2)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, model_dir) -> dict[str, dict[str, Any]]:
+    """The single-process references, run in this process."""
+    out = tmp_path_factory.mktemp("one-process")
+    names = ["shared_reference", "shared_reference_resume", "packed_reference", "packed_reference_resume"]
+    results = {name: worker.run_scenario(name, model_dir, out) for name in names}
+    results["out"] = out
+    return results
+
+
+@pytest.fixture(scope="module")
+def zero3(tmp_path_factory, model_dir) -> Launched:
+    """configs/zero3.yaml on one CPU process (see the module docstring)."""
+    out = tmp_path_factory.mktemp("zero3")
+    return Launched(out, launch("zero3", 1, ["zero3_reference_model", "zero3_precompute"], model_dir, out), 1)
+
+
+def by_step(ranks: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    """{step: [the micro-batch records of that step, rank by rank (in order within a rank)]}."""
+    steps: dict[int, list[dict[str, Any]]] = {}
+    for result in ranks:
+        for record in result["records"]:
+            steps.setdefault(record["step"], []).append(record)
+    return dict(sorted(steps.items()))
+
+
+def assert_close(actual: float, expected: float, rtol: float = RUN_RTOL) -> None:
+    assert abs(actual - expected) <= rtol * abs(expected), (actual, expected)
+
+
+def assert_same_weights(first: Path, second: Path) -> None:
+    a, b = torch.load(first), torch.load(second)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert relative_error(a[key], b[key]) <= RUN_RTOL, key
+
+
+def test_cli_on_two_processes(two_processes):
+    """``train_dpo.py`` itself with prefix sharing, as ``accelerate launch --config_file configs/ddp.yaml`` runs it."""
+    ranks = two_processes.ranks("cli")
+    assert [rank["world_size"] for rank in ranks] == [2, 2]
+    assert "tokens standard DPO would compute" in two_processes.output
+    assert (two_processes.out / "cli" / "model.safetensors").exists()
+
+
+def test_two_processes_train_the_global_batches_of_one(two_processes, one_process):
+    """2 processes x 2 examples against 1 process x 4 (prefix sharing, no packing): same examples, losses, weights."""
+    ranks = two_processes.ranks("shared")
+    assert [rank["distributed_type"] for rank in ranks] == ["DistributedType.MULTI_CPU"] * 2
+    two, one = by_step(ranks), by_step([one_process["shared_reference"]])
+    assert two.keys() == one.keys() and len(two) == 8
+    for step, records in two.items():
+        (reference,) = one[step]
+        assert [index for record in records for index in record["examples"]] == reference["examples"], step
+        assert_close(sum(record["loss"] for record in records) / 2, reference["loss"])
+    out = two_processes.out
+    assert_same_weights(out / "shared.weights.pt", one_process["out"] / "shared_reference.weights.pt")
+
+
+def test_packed_two_processes_match_accumulating_one(two_processes, one_process):
+    """Packing on 2 processes x 1 row against 1 process accumulating 2 batches of the same plan (module docstring)."""
+    two, one = by_step(two_processes.ranks("packed")), by_step([one_process["packed_reference"]])
+    assert two.keys() == one.keys()
+    for step, records in two.items():
+        assert [record["examples"] for record in records] == [record["examples"] for record in one[step]], step
+        for record, reference in zip(records, one[step], strict=True):
+            assert_close(record["loss"], reference["loss"])
+    out = two_processes.out
+    assert_same_weights(out / "packed.weights.pt", one_process["out"] / "packed_reference.weights.pt")
+
+
+@pytest.mark.parametrize("scenario", ["shared", "packed"])
+def test_every_example_once_per_epoch_on_two_processes(two_processes, scenario):
+    ranks = two_processes.ranks(scenario)
+    steps_per_epoch = ranks[0]["steps_per_epoch"]
+    epochs: list[list[int]] = [[], []]
+    for step, records in by_step(ranks).items():
+        epochs[(step - 1) // steps_per_epoch] += [index for record in records for index in record["examples"]]
+    for seen in epochs:
+        assert sorted(seen) == list(range(worker.NUM_EXAMPLES))
+    assert epochs[0] != epochs[1], "the second epoch repeated the order of the first: set_epoch did not arrive"
+
+
+def assert_resumed_like_uninterrupted(uninterrupted: list[dict[str, Any]], resumed: list[dict[str, Any]]) -> None:
+    checkpoint = uninterrupted[0]["checkpoint_step"]
+    expected = {step: records for step, records in by_step(uninterrupted).items() if step > checkpoint}
+    actual = by_step(resumed)
+    assert actual.keys() == expected.keys() and len(actual) >= 2
+    for step, records in expected.items():
+        assert [record["examples"] for record in actual[step]] == [record["examples"] for record in records], step
+        for record, reference in zip(actual[step], records, strict=True):
+            assert_close(record["loss"], reference["loss"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("scenario", ["shared", "packed"])
+def test_resume_mid_epoch_on_two_processes(two_processes, scenario):
+    """Resumed two steps into the second epoch, the run goes on with the batches and losses it would have had."""
+    assert_resumed_like_uninterrupted(two_processes.ranks(scenario), two_processes.ranks(f"{scenario}_resume"))
+
+
+@pytest.mark.parametrize("scenario", ["shared_reference", "packed_reference"])
+def test_resume_mid_epoch_on_one_process(one_process, scenario):
+    assert_resumed_like_uninterrupted([one_process[scenario]], [one_process[f"{scenario}_resume"]])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-3
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_zero3_reference_model_runs_the_shared_forward(zero3, one_process):
+    """TRL wraps the reference model in a DeepSpeed engine before our trainer installs the shared forward; the forward
+    goes on the module the engine wraps (``unwrap_model``), which the engine calls."""
+    (result,) = zero3.ranks("zero3_reference_model")
+    assert result["distributed_type"] == "DistributedType.DEEPSPEED"
+    assert result["reference_wrapper"] == "DeepSpeedEngine" and result["reference_shares_prefix"]
+    # 4 examples per step: 4 rows in the shared layout (TRL's standard layout would have 8).
+    assert result["policy_rows"] == result["reference_rows"] == [4] * result["steps_per_epoch"]
+    # The first epoch of the single-process run without DeepSpeed: same examples and losses.
+    reference = by_step([one_process["shared_reference"]])
+    for record in result["records"]:
+        (expected,) = reference[record["step"]]
+        assert record["examples"] == expected["examples"]
+        assert_close(record["loss"], expected["loss"])
+
+
+def test_zero3_precompute_ref_log_probs_runs_the_shared_forward(zero3, tmp_path, model_dir):
+    """With ``precompute_ref_log_probs`` (packing on) TRL runs the reference pass through a DeepSpeed engine around the
+    policy, built after our trainer installed the shared forward on it."""
+    (result,) = zero3.ranks("zero3_precompute")
+    assert result["precompute_engine"] == "DeepSpeedEngine" and result["precompute_engine_shares_prefix"]
+    assert result["reference_rows"] == []  # no reference model
+    steps = len(result["records"])
+    precompute_rows, training_rows = result["policy_rows"][:-steps], result["policy_rows"][-steps:]
+    # Packed rows of the shared layout: at most one row per example, fewer in all (TRL's layout: two per example).
+    assert sum(precompute_rows) < worker.NUM_EXAMPLES
+    for rows, record in zip(training_rows, result["records"], strict=True):
+        assert rows <= len(record["examples"])
+    expected = worker.run_scenario("zero3_precompute", model_dir, tmp_path)  # the same run without DeepSpeed
+    assert relative_error(torch.tensor(result["ref_chosen_logps"]), torch.tensor(expected["ref_chosen_logps"])) < 1e-6
+    assert [record["examples"] for record in result["records"]] == [r["examples"] for r in expected["records"]]
+    for record, reference in zip(result["records"], expected["records"], strict=True):
+        assert_close(record["loss"], reference["loss"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PEFT, gradient checkpointing, sync_ref_model, bf16, wandb
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def short_conversations(num_examples: int = 4) -> Dataset:
+    """Multi-turn conversations of 60 to 140 tokens (dpo_harness's are longer, and slower to train on)."""
+    return normalize_schema(
+        make_preference_dataset(num_examples, seed=0, prompt_words=(20, 80), response_words=(3, 20))
+    )
+
+
+def lora_config() -> LoraConfig:
+    # init_lora_weights=False draws B as well as A at random: with PEFT's default B = 0 the policy would be the
+    # reference (adapters disabled) and the loss trivially log(2).
+    return LoraConfig(r=8, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
+
+
+def make_pair(
+    dataset: Dataset, tmp_path: Path, peft: bool = False, gradient_checkpointing: bool = False, **config: Any
+) -> tuple[DPOTrainer, PrefixDPOTrainer]:
+    """trl.DPOTrainer and PrefixDPOTrainer on the same models. With ``peft`` the reference is the policy with its
+    adapters disabled; otherwise a perturbed copy of the policy (see dpo_harness)."""
+    policy = tiny_model("llama", seed=0, initializer_range=CONTEXT_SENSITIVE_INIT)
+    reference = None if peft else perturbed_copy(policy)
+    common = dict(
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=len(dataset),
+        max_length=None,
+        gradient_checkpointing=gradient_checkpointing,
+        **{"bf16": False, **config},
+    )
+    trainers = []
+    for trainer_cls, config_cls, extra in (
+        (DPOTrainer, DPOConfig, {}),
+        (PrefixDPOTrainer, PrefixDPOConfig, {"prefix_sharing": True}),
+    ):
+        trainer = trainer_cls(
+            model=copy.deepcopy(policy),
+            ref_model=copy.deepcopy(reference),
+            args=config_cls(output_dir=str(tmp_path / trainer_cls.__name__), **common, **extra),
+            train_dataset=dataset,
+            processing_class=load_tokenizer(),
+            peft_config=lora_config() if peft else None,
+        )
+        trainers.append(trainer)
+    trl_trainer, ours = trainers
+    if peft:  # the same random adapters on both sides
+        ours.model.load_state_dict(trl_trainer.model.state_dict())
+    return trl_trainer, ours
+
+
+def enable_checkpointing(trainer: DPOTrainer) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    """Turns activation checkpointing on as ``Trainer.train`` does; counts the forwards of the first decoder layer."""
+    trainer.model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs
+    )
+    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    calls: list[int] = []
+    handle = model.model.layers[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize(
+    "peft, checkpointing",
+    [(True, {"use_reentrant": True}), (False, {"use_reentrant": False})],
+    ids=["lora+checkpointing-reentrant", "checkpointing"],
+)
+def test_peft_and_gradient_checkpointing_are_exact(peft, checkpointing, tmp_path):
+    """Loss, log-probs, gradients (of the LoRA weights under PEFT) and metrics against trl.DPOTrainer with the same
+    setup; under PEFT the reference log-probs come from the base model with the adapters disabled."""
+    config = {} if checkpointing is None else {"gradient_checkpointing_kwargs": checkpointing}
+    trl_trainer, ours = make_pair(
+        short_conversations(), tmp_path, peft=peft, gradient_checkpointing=checkpointing is not None, **config
+    )
+    if checkpointing is not None:
+        (trl_calls, trl_handle), (our_calls, our_handle) = (
+            enable_checkpointing(trl_trainer),
+            enable_checkpointing(ours),
+        )
+    trl_step, our_step = train_step(trl_trainer), train_step(ours)
+    assert "shared_inputs" in our_step.batch
+    assert_same_step(our_step, trl_step)
+    if peft:
+        assert our_step.grads and all("lora_" in name for name in our_step.grads)
+        assert trl_step.metrics["rewards/margins"] != 0  # the adapters change the policy
+    if checkpointing is not None:
+        trl_handle.remove()
+        our_handle.remove()
+        # The policy forward and its recomputation in the backward; under PEFT also the reference forward of
+        # compute_ref_log_probs (the same modules, adapters disabled).
+        assert len(our_calls) == len(trl_calls) == (3 if peft else 2)
+
+
+class LossRecorder:
+    """Records the training loss of every step (as a float, unrounded)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training:
+            self.__dict__.setdefault("losses", []).append(loss.item())
+        return loss
+
+
+class RecordingTRL(LossRecorder, DPOTrainer):
+    pass
+
+
+class RecordingOurs(LossRecorder, PrefixDPOTrainer):
+    pass
+
+
+def train_pair(
+    tmp_path: Path, steps: int, before_training: Callable[[DPOTrainer], None] | None = None, **config: Any
+) -> tuple[DPOTrainer, PrefixDPOTrainer]:
+    """Trains trl.DPOTrainer and PrefixDPOTrainer ``steps`` steps on the same batches in the same order."""
+    policy = tiny_model("llama", seed=0, initializer_range=CONTEXT_SENSITIVE_INIT)
+    reference = perturbed_copy(policy)
+    common = dict(
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=2,
+        max_steps=steps,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        train_sampling_strategy="sequential",
+        gradient_checkpointing=False,
+        save_strategy="no",
+        logging_steps=1,
+        max_length=None,
+        **{"bf16": False, **config},
+    )
+    trainers = []
+    for trainer_cls, config_cls, extra in (
+        (RecordingTRL, DPOConfig, {}),
+        (RecordingOurs, PrefixDPOConfig, {"prefix_sharing": True}),
+    ):
+        trainer = trainer_cls(
+            model=copy.deepcopy(policy),
+            ref_model=copy.deepcopy(reference),
+            args=config_cls(output_dir=str(tmp_path / trainer_cls.__name__), **common, **extra),
+            train_dataset=short_conversations(),
+            processing_class=load_tokenizer(),
+        )
+        if before_training is not None:
+            before_training(trainer)
+        trainer.train()
+        trainers.append(trainer)
+    return trainers[0], trainers[1]
+
+
+def test_sync_ref_model(tmp_path):
+    """TR-DPO: the reference model is mixed with the policy after every step; our reference keeps its shared forward
+    through the syncs, and losses and synced reference weights follow trl.DPOTrainer's."""
+    initial = perturbed_copy(tiny_model("llama", seed=0, initializer_range=CONTEXT_SENSITIVE_INIT))
+    trl_trainer, ours = train_pair(tmp_path, 2, sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5)
+    assert len(ours.losses) == 2
+    for loss, expected in zip(ours.losses, trl_trainer.losses, strict=True):
+        assert_close(loss, expected)
+    reference = ours.accelerator.unwrap_model(ours.ref_model)
+    assert reference._has_shared_forward
+    trl_reference = dict(trl_trainer.accelerator.unwrap_model(trl_trainer.ref_model).named_parameters())
+    for name, parameter in reference.named_parameters():
+        assert relative_error(parameter, trl_reference[name]) <= RUN_RTOL, name
+    moved = relative_error(reference.get_parameter("lm_head.weight"), initial.get_parameter("lm_head.weight"))
+    assert moved > 1e-4, "the reference model was not synced"
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    """``--use_cpu --bf16``: the forwards run under bf16 autocast and the losses follow trl.DPOTrainer's to bf16
+    precision (both layouts round differently, so not to float32 precision)."""
+    dtypes: dict[str, list[torch.dtype]] = {}
+
+    def record_dtypes(trainer: DPOTrainer) -> None:
+        projection = trainer.model.model.layers[0].self_attn.q_proj
+        seen = dtypes.setdefault(type(trainer).__name__, [])
+        projection.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+
+    trl_trainer, ours = train_pair(tmp_path, 2, before_training=record_dtypes, bf16=True)
+    # Per step: the policy forward (the reference model is another module).
+    assert dtypes == {"RecordingTRL": [torch.bfloat16] * 2, "RecordingOurs": [torch.bfloat16] * 2}
+    for loss, expected in zip(ours.losses, trl_trainer.losses, strict=True):
+        assert_close(loss, expected, rtol=2e-2)
+
+
+def test_cli_with_lora_checkpointing_bf16_and_wandb(tmp_path, monkeypatch):
+    """``--use_peft --gradient_checkpointing --use_cpu --bf16 --report_to wandb`` (wandb offline) with prefix sharing
+    and packing: the run trains, saves the adapter and logs the prefix-sharing metrics to wandb."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    data = tmp_path / "pairs.jsonl"
+    worker.preference_data().to_json(str(data))
+    model_path = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model_path)
+    load_tokenizer().save_pretrained(model_path)
+    argv = [
+        "--model_name_or_path", str(model_path), "--dataset_name", str(data), "--output_dir", str(tmp_path / "out"),
+        "--prefix_sharing", "--enable_packing", "--packing_length", "512", "--per_device_train_batch_size", "2",
+        "--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no",
+        "--use_peft", "--lora_r", "8", "--lora_target_modules", "all-linear", "--gradient_checkpointing", "True",
+        "--use_cpu", "--bf16", "--report_to", "wandb", "--run_name", "prefix-sharing-test",
+    ]  # fmt: skip
+    script_args, training_args, model_args = TrlParser(
+        (ScriptArguments, PrefixDPOConfig, ModelConfig)
+    ).parse_args_and_config(args=argv)
+    assert training_args.bf16 and training_args.use_cpu and model_args.use_peft
+    import wandb
+    from wandb.sdk.wandb_run import Run
+
+    logged: list[dict[str, Any]] = []
+    log = Run.log
+
+    def recording_log(run: Run, data: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        logged.append(data)
+        log(run, data, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "log", recording_log)
+    try:
+        train_dpo.main(script_args, training_args, model_args)
+    finally:
+        wandb.finish()
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    keys = {key for data in logged for key in data}
+    for key in ("train/loss", "train/tokens/computed", "train/tokens/saved_share", "train/packing/efficiency"):
+        assert key in keys, key
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")  # the offline run, to `wandb sync` later
