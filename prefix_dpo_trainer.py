@@ -343,8 +343,8 @@ class PrefixDPOTrainer(DPOTrainer):
             self.accelerator.print(
                 f"--packing_length auto: {self.args.packing_length} tokens per row (1.1 x the 95th percentile "
                 f"{stats['p95']:.0f} of the example lengths, median {stats['median']:.0f}, rounded up to 128, x 4); "
-                f"{stats['mean_examples_per_row']:.2f} examples per row, {stats['efficiency']:.1%} of tokens are "
-                "not padding."
+                f"{stats['mean_examples_per_row']:.2f} examples per row, {stats['packing_efficiency']:.1%} of tokens "
+                "are not padding."
             )
         datasets = {"train": self.train_dataset}
         if isinstance(self.eval_dataset, dict):

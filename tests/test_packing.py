@@ -114,3 +114,14 @@ def test_packing_a_streamed_dataset_is_a_clear_error(tmp_path):
             train_dataset=dataset,
             processing_class=load_tokenizer(),
         )
+
+
+def test_auto_packing_length(capsys):
+    """The default `--packing_length auto` resolves from the training set and says how."""
+    dataset = conversational_rows(8)
+    _, ours = make_trainers(dataset, packing_length="auto")
+    lengths = [shared_sequence_length(example) for example in ours.train_dataset]
+    assert isinstance(ours.args.packing_length, int) and ours.args.packing_length >= max(lengths)
+    assert ours.args.packing_length % 128 == 0
+    assert "--packing_length auto:" in capsys.readouterr().out
+    assert_same_step(train_step(ours), train_step(make_trainers(dataset)[0]))
