@@ -33,7 +33,7 @@ from collators import (
     unsupported_backend_message,
 )
 from packing import PackedBatchSampler, auto_packing_length, packing_statistics
-from preference_data import normalize_schema, truncate_dataset
+from preference_data import check_config, check_datasets_not_empty, finish_tokenized, normalize_schema
 
 PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -96,13 +96,7 @@ class PrefixDPOConfig(DPOConfig):
                 stacklevel=3,
             )
             self.bf16 = False
-        if self.max_prompt_length is not None and (
-            self.max_length is None or self.max_prompt_length >= self.max_length
-        ):
-            raise ValueError(
-                f"--max_prompt_length ({self.max_prompt_length}) must be smaller than "
-                f"--max_length ({self.max_length})."
-            )
+        check_config(self)
         if self.prefix_sharing and self.truncation_mode != "keep_start":
             raise ValueError(
                 f"--truncation_mode {self.truncation_mode} cuts the prompt differently before each response, so it "
@@ -253,6 +247,7 @@ class PrefixDPOTrainer(DPOTrainer):
         self.tokens_computed = 0
         self.tokens_standard = 0
         self.examples_trained = 0
+        check_datasets_not_empty(*more_args, **kwargs)
         if args is not None:
             self._check_attention_backend(model, ref_model, args)
         super().__init__(model, ref_model, args, *more_args, **kwargs)
@@ -394,23 +389,13 @@ class PrefixDPOTrainer(DPOTrainer):
         return self._packed_batches(eval_dataset, self.args.per_device_eval_batch_size, False)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        dataset = normalize_schema(dataset)
-        # TRL drops prompts that alone fill `max_length`; truncate_dataset decides instead, since a prompt may be cut
+        dataset = normalize_schema(dataset, dataset_name, args)
+        # TRL drops prompts that alone fill `max_length`; finish_tokenized decides instead, since a prompt may be cut
         # to `max_prompt_length`. Everything else of TRL's preparation (prompt extraction, EOS, tokenization) is kept.
         tokenize_args = copy.copy(args)
         tokenize_args.max_length = None
         dataset = super()._prepare_dataset(dataset, processing_class, tokenize_args, dataset_name)
-        map_kwargs = {"num_proc": args.dataset_num_proc} if hasattr(dataset, "__len__") else {}
-        dataset, dropped = truncate_dataset(
-            dataset, args.max_length, getattr(args, "max_prompt_length", None), **map_kwargs
-        )
-        if dropped:
-            warnings.warn(
-                f"{dropped} {dataset_name} examples dropped: their prompt alone fills max_length={args.max_length} "
-                "tokens. Set --max_prompt_length to truncate such prompts instead.",
-                stacklevel=2,
-            )
-        return dataset
+        return finish_tokenized(dataset, processing_class, args, dataset_name)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # TRL precomputes inside its __init__, before this class's __init__ could install the shared layout.

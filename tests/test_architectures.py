@@ -66,7 +66,7 @@ def test_architecture(model_type, overrides, attn_implementation, packed):
     assert_same_step(ours_step, train_step(trl_trainer))
 
 
-def test_gemma2_flex_attention_forward():
+def test_gemma2_flex_attention_forward(fresh_compiler):
     """FlexAttention (GPU in training: no CPU backward) gets one BlockMask per layer kind and applies Gemma 2's
     soft-cap in its score_mod: the log-probs match trl.DPOTrainer's under eager. (test_exactness.py checks
     FlexAttention on Llama, Mistral and Qwen2.)"""
@@ -74,9 +74,6 @@ def test_gemma2_flex_attention_forward():
         conversations(), model_type="gemma2", model_overrides=GEMMA2, attn_implementation="eager"
     )
     ours.model.set_attn_implementation("flex_attention")
-    # transformers compiles flex_attention once per process. Recompiled for new shapes after earlier tests (dynamic
-    # shapes), inductor's CPU code for a soft-capping score_mod does not build in torch 2.13: start from scratch.
-    torch._dynamo.reset()
     examples = [ours.train_dataset[i] for i in range(len(ours.train_dataset))]
     with torch.no_grad():
         ours_chosen, ours_rejected = ours.compute_ref_log_probs(ours.model, ours.data_collator(examples))

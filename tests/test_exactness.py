@@ -92,7 +92,7 @@ def test_architectures(model_type, overrides, attn_implementation):
 
 
 @pytest.mark.parametrize("model_type, overrides", [LLAMA, MISTRAL_SLIDING, QWEN2_MIXED])
-def test_flex_attention_forward(model_type, overrides):
+def test_flex_attention_forward(model_type, overrides, fresh_compiler):
     """FlexAttention has no CPU backward, so its BlockMask is checked on the forward: the log-probs."""
     trl_trainer, ours = make_trainers(conversational_rows(), model_type=model_type, model_overrides=overrides)
     ours.model.set_attn_implementation("flex_attention")
