@@ -155,3 +155,16 @@ def assert_same_step(ours: StepResult, trl: StepResult, rtol: float = RTOL, beta
     for key, value in trl.metrics.items():
         scale = abs(value) + (beta * logps_scale if key.startswith("rewards/") else 0.0)
         assert abs(ours.metrics[key] - value) <= rtol * scale + 1e-6, (key, ours.metrics[key], value)
+
+
+def assert_flex_forward_matches(trl_trainer: DPOTrainer, ours: PrefixDPOTrainer, rtol: float = RTOL) -> None:
+    """FlexAttention has no CPU backward, so its BlockMask is checked on the forward: the sequence log-probs."""
+    ours.model.set_attn_implementation("flex_attention")
+    examples = [ours.train_dataset[i] for i in range(len(ours.train_dataset))]
+    with torch.no_grad():
+        ours_chosen, ours_rejected = ours.compute_ref_log_probs(ours.model, ours.data_collator(examples))
+        trl_chosen, trl_rejected = trl_trainer.compute_ref_log_probs(
+            trl_trainer.model, trl_trainer.data_collator(examples)
+        )
+    assert relative_error(ours_chosen, trl_chosen) <= rtol
+    assert relative_error(ours_rejected, trl_rejected) <= rtol

@@ -15,7 +15,7 @@ wrong) sdpa baseline; prefix sharing refuses it up front with an error naming ea
 import pytest
 import torch
 from datasets import Dataset
-from dpo_harness import assert_same_step, make_trainers, relative_error, train_step
+from dpo_harness import assert_flex_forward_matches, assert_same_step, make_trainers, train_step
 
 from collators import attention_mask_for, attention_windows
 from embedded import make_preference_dataset, tiny_model, tiny_model_config
@@ -73,15 +73,7 @@ def test_gemma2_flex_attention_forward(fresh_compiler):
     trl_trainer, ours = make_trainers(
         conversations(), model_type="gemma2", model_overrides=GEMMA2, attn_implementation="eager"
     )
-    ours.model.set_attn_implementation("flex_attention")
-    examples = [ours.train_dataset[i] for i in range(len(ours.train_dataset))]
-    with torch.no_grad():
-        ours_chosen, ours_rejected = ours.compute_ref_log_probs(ours.model, ours.data_collator(examples))
-        trl_chosen, trl_rejected = trl_trainer.compute_ref_log_probs(
-            trl_trainer.model, trl_trainer.data_collator(examples)
-        )
-    assert relative_error(ours_chosen, trl_chosen) <= 1e-5
-    assert relative_error(ours_rejected, trl_rejected) <= 1e-5
+    assert_flex_forward_matches(trl_trainer, ours)
 
 
 def test_gemma2_under_sdpa_is_a_clear_error():

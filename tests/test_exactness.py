@@ -9,6 +9,7 @@ import pytest
 import torch
 from datasets import Dataset
 from dpo_harness import (
+    assert_flex_forward_matches,
     assert_same_step,
     conversational_rows,
     make_trainers,
@@ -95,15 +96,7 @@ def test_architectures(model_type, overrides, attn_implementation):
 def test_flex_attention_forward(model_type, overrides, fresh_compiler):
     """FlexAttention has no CPU backward, so its BlockMask is checked on the forward: the log-probs."""
     trl_trainer, ours = make_trainers(conversational_rows(), model_type=model_type, model_overrides=overrides)
-    ours.model.set_attn_implementation("flex_attention")
-    examples = [ours.train_dataset[i] for i in range(len(ours.train_dataset))]
-    with torch.no_grad():
-        ours_chosen, ours_rejected = ours.compute_ref_log_probs(ours.model, ours.data_collator(examples))
-        trl_chosen, trl_rejected = trl_trainer.compute_ref_log_probs(
-            trl_trainer.model, trl_trainer.data_collator(examples)
-        )
-    assert relative_error(ours_chosen, trl_chosen) <= 1e-5
-    assert relative_error(ours_rejected, trl_rejected) <= 1e-5
+    assert_flex_forward_matches(trl_trainer, ours)
 
 
 def _rejected_sees_chosen(shared, batch, query, key, window):
