@@ -27,6 +27,7 @@ The masks themselves are built on the device, in the forward, from ``sequence_id
 the collator may run in dataloader workers, and a ``BlockMask`` (which holds a closure) cannot be pickled.
 """
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,7 @@ def build_shared_inputs(
     share_prompt: bool = True,
     length: int | None = None,
     pad_to_multiple_of: int | None = None,
+    num_rows: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Lays out ``rows`` (each a list of tokenized examples) for one forward.
 
@@ -68,11 +70,17 @@ def build_shared_inputs(
     ``branch_ids`` (0 prompt, 1 chosen, 2 rejected), all ``(num_rows, length)``, and ``score_index``: for every
     completion token, chosen ones of all examples first then rejected ones, the flat index of the hidden state that
     predicts it. Examples are numbered across rows in order, matching TRL's ``[chosen rows; rejected rows]`` batch.
+    ``num_rows`` pads the layout with empty rows (all padding, nothing scored), so that a short last batch has the
+    same shape as the others.
 
     >>> shared = build_shared_inputs([[{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [3, 4]}]], 0)
     >>> shared["position_ids"].tolist(), shared["score_index"].tolist()
     ([[0, 1, 2, 3, 4, 3, 4]], [2, 3, 2, 5])
     """
+    if num_rows is not None:
+        if len(rows) > num_rows:
+            raise ValueError(f"The batch needs {len(rows)} rows but the layout has {num_rows}.")
+        rows = rows + [[] for _ in range(num_rows - len(rows))]
     natural = max(sum(shared_sequence_length(e, share_prompt) for e in row) for row in rows)
     if length is None:
         length = round_up(natural, pad_to_multiple_of)
@@ -135,16 +143,18 @@ class PrefixSharingCollator(DataCollatorForPreference):
     """TRL's preference collator, plus the ``shared_inputs`` of one forward that replaces the standard one.
 
     Without ``packing_length`` each example is one row, padded to a multiple of ``shared_pad_to_multiple_of``
-    (FlexAttention compiles once per shape, so padding to a multiple of 128 bounds the number of compilations). With
-    it, the examples are packed in order into rows of exactly ``packing_length`` tokens, a new row starting when the
-    next example does not fit: the packed batch sampler hands them over row by row. ``share_prompt=False`` packs
-    ``prompt+chosen`` and ``prompt+rejected`` as two documents (plain DPO packing). Examples must already fit
-    ``max_length``: the trainer truncates them when it prepares the dataset, the same way on every path.
+    (FlexAttention's blocks are 128 tokens, so unpacked lengths come in few sizes). With it, the examples are packed
+    in order into rows of exactly ``packing_length`` tokens, a new row starting when the next example does not fit:
+    the packed batch sampler hands them over row by row. ``share_prompt=False`` packs ``prompt+chosen`` and
+    ``prompt+rejected`` as two documents (plain DPO packing). ``batch_rows`` pads every layout to that many rows, so
+    that a short last batch compiles to no new shape. Examples must already fit ``max_length``: the trainer truncates
+    them when it prepares the dataset, the same way on every path.
     """
 
     shared_pad_to_multiple_of: int | None = None
     packing_length: int | None = None
     share_prompt: bool = True
+    batch_rows: int | None = None
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = super().torch_call(examples)
@@ -159,6 +169,7 @@ class PrefixSharingCollator(DataCollatorForPreference):
             share_prompt=self.share_prompt,
             length=self.packing_length,
             pad_to_multiple_of=self.shared_pad_to_multiple_of,
+            num_rows=self.batch_rows,
         )
         return batch
 
@@ -199,8 +210,15 @@ def attention_windows(config: PretrainedConfig) -> dict[str, int | None]:
     return windows
 
 
-def _allowed(shared: dict[str, torch.Tensor], batch, query, key, window: int | None) -> torch.Tensor:
-    sequence, branch, position = shared["sequence_ids"], shared["branch_ids"], shared["position_ids"]
+def _allowed(
+    sequence: torch.Tensor,
+    branch: torch.Tensor,
+    position: torch.Tensor,
+    window: int | torch.Tensor | None,
+    batch,
+    query,
+    key,
+) -> torch.Tensor:
     same_document = sequence[batch, query] == sequence[batch, key]
     # Keys from the prompt are seen by both branches; chosen and rejected keys only by their own branch.
     same_branch = (branch[batch, key] == PROMPT) | (branch[batch, key] == branch[batch, query])
@@ -218,20 +236,45 @@ def dense_mask(shared: dict[str, torch.Tensor], window: int | None = None) -> to
     batch = torch.arange(rows, device=device)[:, None, None]
     query = torch.arange(length, device=device)[None, :, None]
     key = torch.arange(length, device=device)[None, None, :]
-    return _allowed(shared, batch, query, key, window)[:, None]
+    ids = shared["sequence_ids"], shared["branch_ids"], shared["position_ids"]
+    return _allowed(*ids, window, batch, query, key)[:, None]
+
+
+# Full attention, for FlexAttention, as a window no position difference reaches: every layer kind of a model then
+# runs the same mask_mod code on tensors of the same shapes, so they share one compiled kernel instead of one each.
+FULL_ATTENTION_WINDOW = 2**40
+
+
+def _mask_mod(sequence: torch.Tensor, branch: torch.Tensor, position: torch.Tensor, window: torch.Tensor):
+    # The closure holds these four tensors and nothing else: dynamo guards on what a mask_mod captures, so a captured
+    # container that changes later (a dict gaining a key) would recompile flex_attention on every forward.
+    def mask_mod(batch, head, query, key):
+        return _allowed(sequence, branch, position, window, batch, query, key)
+
+    return mask_mod
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
 
 
 def block_mask(shared: dict[str, torch.Tensor], window: int | None = None):
-    """The same mask as a FlexAttention ``BlockMask``: blocks where rejected queries meet chosen keys are skipped."""
+    """The same mask as a FlexAttention ``BlockMask``: blocks where rejected queries meet chosen keys are skipped.
+
+    On CUDA the block mask is built by a compiled ``create_block_mask``, which never materializes the
+    ``length x length`` mask (a packed row of 16k tokens would take 256 MiB per row).
+    """
     from torch.nn.attention.flex_attention import create_block_mask
 
     rows, length = shared["input_ids"].shape
     device = shared["input_ids"].device
-
-    def mask_mod(batch, head, query, key):
-        return _allowed(shared, batch, query, key, window)
-
-    return create_block_mask(mask_mod, rows, None, length, length, device=device, _compile=device.type == "cuda")
+    window_tensor = torch.tensor(FULL_ATTENTION_WINDOW if window is None else window, device=device)
+    mask_mod = _mask_mod(shared["sequence_ids"], shared["branch_ids"], shared["position_ids"], window_tensor)
+    build = _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
+    return build(mask_mod, rows, None, length, length, device=device)
 
 
 def attention_mask_for(

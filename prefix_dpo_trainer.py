@@ -6,6 +6,7 @@ outputs in the standard ``[chosen rows; rejected rows]`` layout, so TRL's losses
 """
 
 import copy
+import dataclasses
 import functools
 import itertools
 import types
@@ -17,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import is_peft_model
 from datasets import IterableDataset
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers import PreTrainedModel
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 from transformers.utils import is_torch_bf16_gpu_available
@@ -32,6 +34,7 @@ from collators import (
     shared_sequence_length,
     unsupported_backend_message,
 )
+from flex_compile_watchdog import FlexCompileWatchdog, listen_for_fallbacks
 from packing import PackedBatchSampler, auto_packing_length, packing_statistics
 from preference_data import check_config, check_datasets_not_empty, finish_tokenized, normalize_schema
 
@@ -119,12 +122,17 @@ def parse_packing_length(value: str | int | None) -> str | int:
     raise ValueError(f"--packing_length must be a positive integer or 'auto', got {value!r}.")
 
 
+# A batch's masks, by the identity of its token tensor: the batch itself stays plain data, and its masks go with it.
+_BATCH_MASKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
 def cached_attention_mask(shared_inputs: dict[str, Any], config, dtype: torch.dtype):
     """The batch's attention mask, built once: the policy and the reference forward of a step share it."""
-    key = f"attention_mask:{config._attn_implementation}:{dtype}:{sorted(attention_windows(config).items())}"
-    if key not in shared_inputs:
-        shared_inputs[key] = attention_mask_for(shared_inputs, config, dtype)
-    return shared_inputs[key]
+    masks = _BATCH_MASKS.setdefault(shared_inputs["input_ids"], {})
+    key = (config._attn_implementation, dtype, tuple(attention_windows(config).items()))
+    if key not in masks:
+        masks[key] = attention_mask_for(shared_inputs, config, dtype)
+    return masks[key]
 
 
 def add_shared_forward(model: PreTrainedModel) -> None:
@@ -250,8 +258,11 @@ class PrefixDPOTrainer(DPOTrainer):
         check_datasets_not_empty(*more_args, **kwargs)
         if args is not None:
             self._check_attention_backend(model, ref_model, args)
+        listen_for_fallbacks()  # before TRL's __init__, which may already run the reference forward (precompute)
         super().__init__(model, ref_model, args, *more_args, **kwargs)
         self._use_shared_layout()
+        self.compile_watchdog = FlexCompileWatchdog()
+        self.add_callback(self.compile_watchdog)
         if self.packs and self.accelerator.num_processes > 1:
             # Packed batches hold a different number of examples on each process, and TRL gathers its per-example
             # metrics (rewards, log-probs) with `accelerator.gather`, which needs the same shape on every process.
@@ -377,6 +388,18 @@ class PrefixDPOTrainer(DPOTrainer):
             # own seeded sampler, we do for ours. Without it the resumed epoch replays epoch 0's batches.
             dataloader.set_sampler(batches.sampler)
         return dataloader
+
+    def _get_dataloader(self, dataset, description, batch_size, *args, **kwargs):
+        collator = self.data_collator
+        if not isinstance(collator, PrefixSharingCollator):
+            return super()._get_dataloader(dataset, description, batch_size, *args, **kwargs)
+        # Every batch of this loader gets `batch_size` rows, the short last one too: compiled attention then sees one
+        # row count per loader instead of compiling again for the last batch.
+        self.data_collator = dataclasses.replace(collator, batch_rows=batch_size)
+        try:
+            return super()._get_dataloader(dataset, description, batch_size, *args, **kwargs)
+        finally:
+            self.data_collator = collator
 
     def _get_train_sampler(self, train_dataset=None):
         if not self.packs:

@@ -99,8 +99,7 @@ def test_flex_attention_forward(model_type, overrides, fresh_compiler):
     assert_flex_forward_matches(trl_trainer, ours)
 
 
-def _rejected_sees_chosen(shared, batch, query, key, window):
-    sequence = shared["sequence_ids"]
+def _rejected_sees_chosen(sequence, branch, position, window, batch, query, key):
     return (sequence[batch, query] == sequence[batch, key]) & (key <= query)
 
 
