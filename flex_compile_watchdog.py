@@ -60,6 +60,11 @@ class _WarnOnce:
 _warn_once = _WarnOnce()
 
 
+def forget_warnings() -> None:
+    """Lets every warning be given once more (after ``torch._dynamo.reset()``, when counting starts over)."""
+    _warn_once.said.clear()
+
+
 class _RecompileLimitListener(logging.Handler):
     """Reads dynamo's 'hit config.recompile_limit' message, which is the only sign that a function fell back."""
 

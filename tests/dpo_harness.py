@@ -71,10 +71,12 @@ def make_trainers(
     tmp_path=None,
     prefix_sharing: bool = True,
     packing_length: int | None = None,
+    ours_attn_implementation: str | None = None,
     **config: Any,
 ) -> tuple[DPOTrainer, PrefixDPOTrainer]:
     """``reference``: "model" (an explicit reference model), "precompute" (precomputed reference log-probs) or
-    "path" (policy given as a path: TRL loads the reference from it). ``packing_length`` packs our side."""
+    "path" (policy given as a path: TRL loads the reference from it). ``packing_length`` packs our side, and
+    ``ours_attn_implementation`` gives our side another attention backend than TRL's (flex_attention on a GPU)."""
     packing = {} if packing_length is None else {"enable_packing": True, "packing_length": str(packing_length)}
     overrides = {"initializer_range": CONTEXT_SENSITIVE_INIT, **(model_overrides or {})}
     policy = tiny_model(model_type, seed=0, **overrides)
@@ -107,6 +109,9 @@ def make_trainers(
             model, ref = str(model_path), None
         else:
             model, ref = copy.deepcopy(policy), copy.deepcopy(ref_model)
+            if trainer_cls is PrefixDPOTrainer and ours_attn_implementation is not None:
+                model.set_attn_implementation(ours_attn_implementation)
+                ref.set_attn_implementation(ours_attn_implementation)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainers.append(
@@ -118,7 +123,7 @@ def make_trainers(
 def train_step(trainer: DPOTrainer, batch_transform=None) -> StepResult:
     """One loss + backward on the whole (tokenized) training set as a single batch, through the trainer's hooks."""
     examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
-    batch = trainer.data_collator(examples)
+    batch = trainer._prepare_inputs(trainer.data_collator(examples))  # onto the trainer's device
     if batch_transform is not None:
         batch = batch_transform(batch)
     trainer.model.train()

@@ -13,9 +13,11 @@ from prefix_dpo_trainer import cached_attention_mask
 
 
 @pytest.fixture
-def fresh_warnings(monkeypatch):
+def fresh_warnings():
     """The watchdog warns once per process; each test starts as if nothing had been said."""
-    monkeypatch.setattr(flex_compile_watchdog._warn_once, "said", set())
+    flex_compile_watchdog.forget_warnings()
+    yield
+    flex_compile_watchdog.forget_warnings()
 
 
 def shapes(loader) -> set[tuple[int, ...]]:

@@ -1,0 +1,546 @@
+"""Every GPU check of the project in one command, in one report.
+
+    python benchmark/gpu_check.py            # on one H100/H200: about 9 minutes
+    python benchmark/gpu_check.py --smoke    # the same pipeline on CPU, tiny model, sdpa, under 3 minutes (CI)
+
+In this order:
+1. exactness: float32, FlexAttention forward + backward (sdpa/eager on CPU) of PrefixDPOTrainer against
+   ``trl.DPOTrainer`` on the same batch: loss, per-sequence log-probs, every gradient and TRL's metrics, for Llama,
+   Mistral with a sliding window, Qwen2 with mixed layer kinds, Gemma 2 (soft-capping), ipo+sft, packed rows with and
+   without sharing, and precomputed reference log-probs;
+2. bf16 agreement: the bf16 error of prefix sharing against TRL's float32 result, beside TRL's own bf16 error;
+3. compile counts: flex_attention and create_block_mask variants over 20 training steps per mode (unpacked with a
+   reference model, evaluation and gradient checkpointing; packed with precomputed reference log-probs and
+   evaluation; packed without sharing; mixed layer kinds; TRL's own path), each from a fresh dynamo;
+4. the quick benchmark: ``throughput.py`` on Capybara, MetaMath and TLDR shapes, the five configurations of the
+   paper's table, a Qwen2-0.5B-sized model in bf16, each configuration isolated.
+
+Each phase has a share of ``--budget-seconds``; the report (markdown and JSON, with the date, the device and the
+command) is rewritten after every phase, so a run cut short still leaves what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+for path in (ROOT, ROOT / "tests"):  # the project's modules, and the exactness harness the test suite uses
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import throughput  # noqa: E402
+from report import machine_description, markdown_table, median_speedup  # noqa: E402
+
+# The paper's speedups on Capybara (8xH100, Mistral-7B) that the GPU run must reach.
+PAPER_OVER_FLEX = 1.54
+PAPER_PACKED_OVER_PACKING = 1.36
+COMPILE_STEPS = 20
+ERROR_KEYS = ("loss", "chosen_logps", "rejected_logps", "max_grad")
+
+
+class PhaseTimeout(BaseException):
+    """A BaseException, so that the per-case ``except Exception`` of a phase does not swallow it."""
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Interrupts the phase (SIGALRM) once its share of the budget is spent; the report keeps what it measured."""
+
+    def expire(signum, frame):
+        raise PhaseTimeout(f"phase stopped after its {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1.0))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. Exactness
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def exactness_cases(flex: bool) -> list[tuple[str, dict[str, Any]]]:
+    """(name, make_trainers arguments). TRL runs sdpa (eager where sdpa cannot soft-cap); ours flex on a GPU."""
+    ours = "flex_attention" if flex else None
+    return [
+        ("llama", {"ours_attn_implementation": ours}),
+        ("mistral, sliding window", {"model_type": "mistral", "model_overrides": {"sliding_window": 24}}),
+        (
+            "qwen2, mixed layer kinds",
+            {
+                "model_type": "qwen2",
+                "model_overrides": {"use_sliding_window": True, "sliding_window": 24, "max_window_layers": 1},
+            },
+        ),
+        ("gemma2, soft-capping", {"model_type": "gemma2", "attn_implementation": "eager"}),
+        ("ipo + sft", {"loss_type": ["ipo", "sft"], "loss_weights": [1.0, 0.5]}),
+        ("packed, prefix sharing", {"packed": True}),
+        ("packed, no sharing", {"packed": True, "prefix_sharing": False}),
+        ("precomputed reference", {"reference": "precompute"}),
+    ]
+
+
+def check_exactness(flex: bool, scratch: Path, record: Callable[[dict], None]) -> None:
+    import torch
+    from dpo_harness import assert_same_step, conversational_rows, make_trainers, relative_error, train_step
+    from test_packing import packing_length_for
+
+    dataset = conversational_rows(6)
+    for name, case in exactness_cases(flex):
+        torch._dynamo.reset()  # each case compiles from scratch, so no case's variants count against another's
+        case = dict(case)
+        case.setdefault("ours_attn_implementation", "flex_attention" if flex else None)
+        if case.pop("packed", False):
+            case["packing_length"] = packing_length_for(dataset, case.get("prefix_sharing", True))
+        started = time.perf_counter()
+        entry: dict[str, Any] = {"case": name}
+        try:
+            trl_trainer, ours = make_trainers(dataset, tmp_path=scratch / name.replace(" ", "_"), **case)
+            entry["ours_attention"] = ours.model.config._attn_implementation
+            entry["trl_attention"] = trl_trainer.model.config._attn_implementation
+            ours_step, trl_step = train_step(ours), train_step(trl_trainer)
+            grad_errors = [relative_error(ours_step.grads[k], g) for k, g in trl_step.grads.items()]
+            entry.update(
+                loss=relative_error(ours_step.loss, trl_step.loss),
+                chosen_logps=relative_error(ours_step.chosen_logps, trl_step.chosen_logps),
+                rejected_logps=relative_error(ours_step.rejected_logps, trl_step.rejected_logps),
+                max_grad=max(grad_errors),
+            )
+            assert_same_step(ours_step, trl_step)
+            entry["passed"] = True
+        except Exception as error:  # a failed case is reported, and the other cases still run
+            entry.update(passed=False, error=f"{type(error).__name__}: {error}"[:500])
+            traceback.print_exc()
+        entry["seconds"] = time.perf_counter() - started
+        record(entry)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. bf16 agreement
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_bf16(flex: bool, scratch: Path) -> dict[str, Any]:
+    """TRL in float32 is the truth. In bf16, prefix sharing must differ from TRL by no more than TRL's own bf16 run
+    differs from TRL's float32 one: the layout adds no error of its own beyond bf16's."""
+    import torch
+    from dpo_harness import conversational_rows, make_trainers, relative_error, train_step
+
+    torch._dynamo.reset()
+    trl_trainer, ours = make_trainers(
+        conversational_rows(16), ours_attn_implementation="flex_attention" if flex else None, tmp_path=scratch
+    )
+    truth = train_step(trl_trainer)
+    steps = {}
+    for name, trainer in (("trl", trl_trainer), ("prefix_sharing", ours)):
+        trainer.model.to(torch.bfloat16)
+        trainer.ref_model.to(torch.bfloat16)
+        steps[name] = train_step(trainer)
+
+    def errors(step, against) -> dict[str, float]:
+        def flat(s):
+            logps = torch.cat([s.chosen_logps, s.rejected_logps]).float()
+            return logps, s.loss.float(), torch.cat([s.grads[k].float().flatten() for k in truth.grads])
+
+        return {
+            key: relative_error(value, reference)
+            for key, value, reference in zip(("logps", "loss", "grads"), flat(step), flat(against), strict=True)
+        }
+
+    own = errors(steps["trl"], truth)
+    against_trl = errors(steps["prefix_sharing"], steps["trl"])
+    return {
+        "ours_attention": ours.model.config._attn_implementation,
+        "trl_attention": trl_trainer.model.config._attn_implementation,
+        "trl_bf16_error": own,
+        "prefix_sharing_bf16_error": errors(steps["prefix_sharing"], truth),
+        "prefix_sharing_vs_trl_bf16": against_trl,
+        "passed": all(against_trl[key] <= own[key] for key in ("logps", "loss")),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. Compile counts
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def compile_modes() -> list[tuple[str, str, dict[str, Any]]]:
+    """(name, model type, PrefixDPOConfig overrides): every forward the trainer runs, 20 steps each."""
+    mixed = {"use_sliding_window": True, "sliding_window": 24, "max_window_layers": 1}
+    evaluation = {"eval_strategy": "steps", "eval_steps": 10, "per_device_eval_batch_size": 3}
+    packed = {"enable_packing": True, "packing_length": "auto"}
+    return [
+        ("unpacked sharing: policy, reference, eval, gradient checkpointing", "llama", {
+            "prefix_sharing": True, "gradient_checkpointing": True, **evaluation,
+        }),
+        ("packed sharing: precomputed reference, eval", "llama", {
+            "prefix_sharing": True, "precompute_ref_log_probs": True, **packed, **evaluation,
+        }),
+        ("packed, no sharing: policy, reference", "llama", {"prefix_sharing": False, **packed}),
+        ("mixed layer kinds (qwen2): unpacked sharing, reference", ("qwen2", mixed), {"prefix_sharing": True}),
+        ("TRL's path (flex_attention): policy, reference", "llama", {"prefix_sharing": False}),
+    ]  # fmt: skip
+
+
+def check_compiles(flex: bool, scratch: Path, record: Callable[[dict], None]) -> None:
+    import torch
+    from dpo_harness import conversational_rows
+
+    import flex_compile_watchdog
+    from embedded import load_tokenizer, tiny_model
+    from prefix_dpo_trainer import PrefixDPOConfig, PrefixDPOTrainer
+
+    train, evaluation = conversational_rows(40, seed=1), conversational_rows(9, seed=2)
+    attention = "flex_attention" if flex else "sdpa"
+    for name, model, overrides in compile_modes():
+        model_type, model_overrides = (model, {}) if isinstance(model, str) else model
+        torch._dynamo.reset()
+        flex_compile_watchdog.forget_warnings()
+        started = time.perf_counter()
+        entry: dict[str, Any] = {"mode": name}
+        try:
+            args = PrefixDPOConfig(
+                output_dir=str(scratch / f"compile-{len(name)}"),
+                per_device_train_batch_size=2,
+                max_steps=COMPILE_STEPS,
+                learning_rate=1e-5,
+                bf16=flex,
+                report_to="none",
+                save_strategy="no",
+                logging_strategy="no",
+                disable_tqdm=True,
+                **overrides,
+            )
+            models = [
+                tiny_model(model_type, seed=seed, attn_implementation=attention, **model_overrides) for seed in (0, 1)
+            ]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", RuntimeWarning)
+                trainer = PrefixDPOTrainer(
+                    model=models[0],
+                    ref_model=None if args.precompute_ref_log_probs else models[1],
+                    args=args,
+                    train_dataset=train,
+                    eval_dataset=evaluation if args.eval_strategy != "no" else None,
+                    processing_class=load_tokenizer(),
+                )
+                trainer.train()
+            entry.update(
+                steps=trainer.state.global_step,
+                attention=trainer.model.config._attn_implementation,
+                variants=flex_compile_watchdog.compiled_variants(),
+                recompile_limit=torch._dynamo.config.recompile_limit,
+                watchdog_warnings=[str(w.message) for w in caught if w.category is RuntimeWarning],
+            )
+            entry["passed"] = (
+                entry["steps"] == COMPILE_STEPS
+                and not entry["watchdog_warnings"]
+                and max(entry["variants"].values()) < entry["recompile_limit"]
+            )
+        except Exception as error:
+            entry.update(passed=False, error=f"{type(error).__name__}: {error}"[:500])
+            traceback.print_exc()
+        entry["seconds"] = time.perf_counter() - started
+        record(entry)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. Quick benchmark
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def benchmark_argv(smoke: bool, output_dir: Path, tag: str) -> list[str]:
+    if smoke:
+        setup = ["--shapes", "capybara", "--model-size", "tiny", "--examples", "8", "--warmup-steps", "1"]
+        setup += ["--configs", "baseline", "sharing", "packing", "sharing+packing"]
+    else:
+        setup = ["--shapes", "capybara", "metamath", "tldr", "--model-size", "qwen2-0.5b", "--examples", "80"]
+        setup += ["--configs", "baseline", "baseline-flex", "sharing", "packing", "sharing+packing"]
+        setup += ["--bf16", "--attn-implementation", "flex_attention", "--packing-factor", "4", "--warmup-steps", "3"]
+        setup += ["--gradient-checkpointing"]
+    return [*setup, "--isolate", "--repeats", "1", "--output-dir", str(output_dir), "--tag", tag]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def verdicts(report: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """The issue's done criteria: (criterion, what was measured, passed; None where not measured)."""
+    rows: list[tuple[str, str, bool | None]] = []
+    exactness = report["phases"].get("exactness", {}).get("cases", [])
+    rows.append(
+        (
+            "float32 exactness against trl.DPOTrainer (1e-5)",
+            f"{sum(c['passed'] for c in exactness)} of {len(exactness_cases(False))} cases",
+            len(exactness) == len(exactness_cases(False)) and all(c["passed"] for c in exactness),
+        )
+    )
+    bf16 = report["phases"].get("bf16", {}).get("result")
+    measured = "-"
+    if bf16 is not None:
+        ours, trl = bf16["prefix_sharing_vs_trl_bf16"], bf16["trl_bf16_error"]
+        measured = f"log-probs {ours['logps']:.1e} vs {trl['logps']:.1e}, loss {ours['loss']:.1e} vs {trl['loss']:.1e}"
+    rows.append(
+        (
+            "bf16: prefix sharing against TRL bf16 no further than TRL bf16 from TRL float32 (log-probs, loss)",
+            measured,
+            None if bf16 is None else bf16["passed"],
+        )
+    )
+    # Every compile mode ran its steps without a watchdog warning, and every benchmark configuration stayed quiet.
+    modes = report["phases"].get("compiles", {}).get("modes", [])
+    benchmark = report["phases"].get("benchmark", {}).get("payload")
+    configurations = [c for r in (benchmark or {}).get("results", []) for c in r["compilation"].values()]
+    worst = [max(m["variants"].values()) for m in modes if "variants" in m]
+    worst += [max(c["variants"].values()) for c in configurations]
+    rows.append(
+        (
+            "no configuration reaches the recompile limit; the watchdog stays quiet",
+            f"{len(modes)} of {len(compile_modes())} modes and {len(configurations)} benchmark configurations; most "
+            f"variants of one function: {max(worst, default=0)}",
+            len(modes) == len(compile_modes())
+            and all(m["passed"] for m in modes)
+            and not any(c["watchdog_warnings"] for c in configurations),
+        )
+    )
+    capybara = next((r for r in (benchmark or {}).get("results", []) if r["shape"]["key"] == "capybara"), None)
+    for label, key, over, target in (
+        ("prefix sharing over TRL's flex path, Capybara", "sharing", "baseline-flex", PAPER_OVER_FLEX),
+        ("prefix sharing + packing over packing, Capybara", "sharing+packing", "packing", PAPER_PACKED_OVER_PACKING),
+    ):
+        speedup = median_speedup(capybara, key, over) if capybara else None
+        rows.append((f"{label} >= {target}x (paper)", fmt(speedup), None if speedup is None else speedup >= target))
+    return rows
+
+
+def yes_no(passed: bool | None, error: str = "") -> str:
+    return "-" if passed is None else ("yes" if passed else f"NO {error}".strip())
+
+
+def render(report: dict[str, Any], path: Path) -> None:
+    phases = report["phases"]
+    sections = [
+        "\n".join(
+            [
+                f"# GPU check ({report['date']}){' — smoke mode, CPU' if report['smoke'] else ''}",
+                "",
+                f"- command: `{report['command']}`",
+                f"- device: {report['machine']}",
+                f"- versions: {report['versions']}",
+                f"- wall time: {report.get('elapsed_seconds', 0) / 60:.1f} min of a "
+                f"{report['budget_seconds'] / 60:.1f}-min budget",
+            ]
+        ),
+        markdown_table(["criterion", "measured", "passed"], [[c, m, yes_no(p)] for c, m, p in verdicts(report)]),
+    ]
+    if "exactness" in phases:
+        rows = [
+            [
+                case["case"],
+                f"{case.get('ours_attention', '-')} / {case.get('trl_attention', '-')}",
+                *("-" if case.get(k) is None else f"{case[k]:.1e}" for k in ERROR_KEYS),
+                yes_no(case["passed"], case.get("error", "")),
+                f"{case['seconds']:.0f}",
+            ]
+            for case in phases["exactness"].get("cases", [])
+        ]
+        columns = ["case", "ours / TRL attention", "loss>", "chosen log-probs>", "rejected log-probs>"]
+        columns += ["worst gradient>", "passed", "s>"]
+        sections += [
+            "## 1. Exactness, float32: relative errors against trl.DPOTrainer (tolerance 1e-5)",
+            markdown_table(columns, rows),
+        ]
+    if phases.get("bf16", {}).get("result"):
+        bf16 = phases["bf16"]["result"]
+        rows = [
+            [label, *(f"{bf16[key][k]:.2e}" for k in ("logps", "loss", "grads"))]
+            for label, key in (
+                (f"TRL bf16 ({bf16['trl_attention']}) against TRL float32", "trl_bf16_error"),
+                (f"prefix sharing bf16 ({bf16['ours_attention']}) against TRL float32", "prefix_sharing_bf16_error"),
+                ("prefix sharing bf16 against TRL bf16", "prefix_sharing_vs_trl_bf16"),
+            )
+        ]
+        sections += [
+            "## 2. bf16 agreement: relative errors on the same batch (16 examples)",
+            markdown_table(["comparison", "sequence log-probs>", "loss>", "gradients>"], rows),
+        ]
+    if "compiles" in phases:
+        rows = [
+            [
+                mode["mode"],
+                mode.get("attention", "-"),
+                str(mode.get("steps", "-")),
+                *(str(mode.get("variants", {}).get(name, "-")) for name in ("flex_attention", "create_block_mask")),
+                str(len(mode.get("watchdog_warnings", []))),
+                yes_no(mode["passed"], mode.get("error", "")),
+                f"{mode['seconds']:.0f}",
+            ]
+            for mode in phases["compiles"].get("modes", [])
+        ]
+        columns = ["mode", "attention", "steps>", "flex_attention>", "create_block_mask>", "watchdog warnings>"]
+        sections += [
+            f"## 3. Compiled variants over {COMPILE_STEPS} training steps per mode (fresh dynamo each; dynamo's "
+            "recompile limit is 8)",
+            markdown_table([*columns, "passed", "s>"], rows),
+        ]
+    benchmark = phases.get("benchmark", {})
+    if benchmark.get("payload"):
+        rows = []
+        for result in benchmark["payload"]["results"]:
+            paper = result["shape"]["paper"]
+            rows.append(
+                [
+                    result["shape"]["name"],
+                    f"{result['examples']['bound']:.2f}",
+                    f"{fmt(median_speedup(result, 'sharing', 'baseline-flex'))} ({paper['unpacked'][1]:.2f})",
+                    fmt(median_speedup(result, "sharing", "baseline")),
+                    f"{fmt(median_speedup(result, 'sharing+packing', 'packing'))} ({paper['packed'][1]:.2f})",
+                    f"{max(c['warmup_seconds'] for c in result['compilation'].values()):.0f}",
+                ]
+            )
+        columns = ["shape", "token bound>", "sharing / TRL flex (paper)>", "sharing / TRL sdpa>"]
+        columns += ["sharing+packing / packing (paper)>", "slowest warm-up, s>"]
+        sections += [
+            "## 4. Quick benchmark",
+            f"`{benchmark['command']}`; every table is in `{benchmark['tag']}.md`.",
+            markdown_table(columns, rows),
+        ]
+    sections += [f"Phase {name} stopped: {phase['error']}" for name, phase in phases.items() if phase.get("error")]
+    path.write_text("\n\n".join(sections) + "\n")
+
+
+def versions() -> str:
+    import torch
+    import transformers
+    import trl
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, sdpa: the same pipeline in minutes")
+    parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmark" / "results")
+    parser.add_argument("--budget-seconds", type=float, default=None, help="default: 560 on GPU, 180 in smoke mode")
+    args = parser.parse_args(argv)
+    throughput.quiet()
+    import torch
+
+    flex = torch.cuda.is_available() and not args.smoke
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("No CUDA device: run with --smoke for the CPU version of these checks.")
+    if flex:
+        # float32 means float32: TF32 matmuls would put 1e-3 errors into the exactness comparison.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    budget = args.budget_seconds or (180.0 if args.smoke else 560.0)
+    # Shares of the budget; the benchmark gets what the checks before it left.
+    shares = {"exactness": 0.25, "bf16": 0.07, "compiles": 0.23}
+    stem = "gpu-check-smoke" if args.smoke else "gpu-check"
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python", "benchmark/gpu_check.py", *(sys.argv[1:] if argv is None else argv)])
+    report: dict[str, Any] = {
+        "date": date.today().isoformat(),
+        "command": command,
+        "machine": machine_description(),
+        "versions": versions(),
+        "smoke": args.smoke,
+        "budget_seconds": budget,
+        "phases": {},
+    }
+    started = time.perf_counter()
+
+    def save() -> None:
+        report["elapsed_seconds"] = time.perf_counter() - started
+        (args.output_dir / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+        render(report, args.output_dir / f"{stem}.md")
+
+    def run_phase(name: str, seconds: float, body: Callable[[dict], None]) -> None:
+        phase: dict[str, Any] = {}
+        report["phases"][name] = phase
+        print(f"\n=== {name} ({seconds:.0f} s at most)", flush=True)
+        phase_started = time.perf_counter()
+        try:
+            with time_limit(seconds):
+                body(phase)
+        except (Exception, PhaseTimeout) as error:
+            phase["error"] = f"{type(error).__name__}: {error}"[:500]
+            traceback.print_exc()
+        phase["seconds"] = time.perf_counter() - phase_started
+        save()
+
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch_dir:
+        scratch = Path(scratch_dir)
+
+        def exactness(phase: dict) -> None:
+            phase["cases"] = []
+            check_exactness(flex, scratch, lambda entry: (phase["cases"].append(entry), print(entry, flush=True)))
+
+        def bf16(phase: dict) -> None:
+            phase["result"] = check_bf16(flex, scratch / "bf16")
+            print(phase["result"], flush=True)
+
+        def compiles(phase: dict) -> None:
+            phase["modes"] = []
+            check_compiles(flex, scratch, lambda entry: (phase["modes"].append(entry), print(entry, flush=True)))
+
+        def benchmark(phase: dict) -> None:
+            from embedded import load_tokenizer
+
+            tag = "gpu-throughput-smoke" if args.smoke else "gpu-throughput"
+            argv = benchmark_argv(args.smoke, args.output_dir, tag)
+            bench_args = throughput.parse_args(argv)
+            tokenizer = load_tokenizer()
+            dims = throughput.model_dims(bench_args, len(tokenizer))
+            phase.update(tag=tag, command=f"python benchmark/throughput.py {' '.join(argv)}")
+            bench_started = time.perf_counter()
+            results: list[dict[str, Any]] = []
+            for result in throughput.shape_results(bench_args, tokenizer, scratch, print):
+                results.append(result)
+                elapsed = time.perf_counter() - bench_started
+                payload = throughput.make_payload(bench_args, dims, phase["command"], results, elapsed)
+                phase["payload"] = payload
+                (args.output_dir / f"{tag}.json").write_text(json.dumps(payload))
+                throughput.render(payload, args.output_dir / tag)
+                save()
+                slowest = max(r["wall_seconds"] for r in results)
+                if len(results) < len(bench_args.shapes) and time.perf_counter() + slowest > started + budget:
+                    phase["error"] = f"stopped after {len(results)} shape(s): the next would not fit the budget"
+                    break
+
+        for name, body in (("exactness", exactness), ("bf16", bf16), ("compiles", compiles)):
+            run_phase(name, shares[name] * budget, body)
+        run_phase("benchmark", started + budget - time.perf_counter(), benchmark)
+    save()
+    print(f"\nwrote {args.output_dir / stem}.md and .json")
+    print((args.output_dir / f"{stem}.md").read_text())
+    # Exit status: the correctness checks (exactness, bf16, compiles); speedups are measurements, reported above.
+    failed = [criterion for criterion, _, passed in verdicts(report)[:3] if not passed]
+    if failed:
+        raise SystemExit(f"FAILED: {failed}")
+
+
+if __name__ == "__main__":
+    main()
