@@ -1,22 +1,26 @@
 """Every GPU check of the project in one command, in one report.
 
-    python benchmark/gpu_check.py            # on one H100/H200: about 9 minutes
-    python benchmark/gpu_check.py --smoke    # the same pipeline on CPU, tiny model, sdpa, under 3 minutes (CI)
+    python benchmark/gpu_check.py            # one H100/H200, one 10-minute call (--budget-seconds, default 560)
+    python benchmark/gpu_check.py --smoke    # the same pipeline on CPU, tiny model, sdpa, about 2 minutes (CI)
 
 In this order:
 1. exactness: float32, FlexAttention forward + backward (sdpa/eager on CPU) of PrefixDPOTrainer against
    ``trl.DPOTrainer`` on the same batch: loss, per-sequence log-probs, every gradient and TRL's metrics, for Llama,
    Mistral with a sliding window, Qwen2 with mixed layer kinds, Gemma 2 (soft-capping), ipo+sft, packed rows with and
    without sharing, and precomputed reference log-probs;
-2. bf16 agreement: the bf16 error of prefix sharing against TRL's float32 result, beside TRL's own bf16 error;
-3. compile counts: flex_attention and create_block_mask variants over 20 training steps per mode (unpacked with a
-   reference model, evaluation and gradient checkpointing; packed with precomputed reference log-probs and
-   evaluation; packed without sharing; mixed layer kinds; TRL's own path), each from a fresh dynamo;
-4. the quick benchmark: ``throughput.py`` on Capybara, MetaMath and TLDR shapes, the five configurations of the
-   paper's table, a Qwen2-0.5B-sized model in bf16, each configuration isolated.
+2. bf16 agreement: prefix sharing in bf16 against TRL in bf16, beside TRL bf16 against TRL float32;
+3. compile counts: flex_attention and create_block_mask variants over 20 training steps per mode (unpacked with
+   mixed layer kinds, a reference model, evaluation and gradient checkpointing; packed with precomputed reference
+   log-probs and evaluation; packed without sharing), each from a fresh dynamo;
+4. the quick benchmark: ``throughput.py`` on the Capybara, MetaMath and TLDR shapes, the five configurations of the
+   paper's table, a Llama-3.2-1B-sized model in bf16, each configuration isolated (its compiled variants, warm-up
+   seconds and peak memory recorded).
 
-Each phase has a share of ``--budget-seconds``; the report (markdown and JSON, with the date, the device and the
-command) is rewritten after every phase, so a run cut short still leaves what it measured.
+Each phase has a share of the budget; the report (markdown and JSON, with the date, the device and the command) is
+rewritten after every phase and every benchmark shape, so a run cut short keeps what it measured. On the H200 of
+2026-11-26 phases 1-2 took 100 s and compiling cost 45-75 s per FlexAttention configuration, so one call holds the
+checks and about one shape; ``python benchmark/throughput.py --shapes metamath tldr ...`` (the same flags) measures
+the others in a second call.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ for path in (ROOT, ROOT / "tests"):  # the project's modules, and the exactness 
 
 import throughput  # noqa: E402
 from report import machine_description, markdown_table, median_speedup  # noqa: E402
+from shapes import SHAPES  # noqa: E402
+from timing import CONFIGS, ShapeRun  # noqa: E402
 
 # The paper's speedups on Capybara (8xH100, Mistral-7B) that the GPU run must reach.
 PAPER_OVER_FLEX = 1.54
@@ -181,20 +187,21 @@ def check_bf16(flex: bool, scratch: Path) -> dict[str, Any]:
 
 
 def compile_modes() -> list[tuple[str, str, dict[str, Any]]]:
-    """(name, model type, PrefixDPOConfig overrides): every forward the trainer runs, 20 steps each."""
-    mixed = {"use_sliding_window": True, "sliding_window": 24, "max_window_layers": 1}
+    """(name, model type, PrefixDPOConfig overrides): every forward the trainer runs, 20 steps each. TRL's own path
+    and the same layouts on a real model are counted by the benchmark's configurations."""
+    qwen2_mixed = ("qwen2", {"use_sliding_window": True, "sliding_window": 24, "max_window_layers": 1})
     evaluation = {"eval_strategy": "steps", "eval_steps": 10, "per_device_eval_batch_size": 3}
     packed = {"enable_packing": True, "packing_length": "auto"}
     return [
-        ("unpacked sharing: policy, reference, eval, gradient checkpointing", "llama", {
+        ("unpacked sharing, mixed layer kinds (qwen2): policy, reference, eval, gradient checkpointing", qwen2_mixed, {
             "prefix_sharing": True, "gradient_checkpointing": True, **evaluation,
         }),
         ("packed sharing: precomputed reference, eval", "llama", {
             "prefix_sharing": True, "precompute_ref_log_probs": True, **packed, **evaluation,
         }),
-        ("packed, no sharing: policy, reference", "llama", {"prefix_sharing": False, **packed}),
-        ("mixed layer kinds (qwen2): unpacked sharing, reference", ("qwen2", mixed), {"prefix_sharing": True}),
-        ("TRL's path (flex_attention): policy, reference", "llama", {"prefix_sharing": False}),
+        ("packed, no sharing: policy, reference, gradient checkpointing", "llama", {
+            "prefix_sharing": False, "gradient_checkpointing": True, **packed,
+        }),
     ]  # fmt: skip
 
 
@@ -270,7 +277,7 @@ def benchmark_argv(smoke: bool, output_dir: Path, tag: str) -> list[str]:
         setup = ["--shapes", "capybara", "--model-size", "tiny", "--examples", "8", "--warmup-steps", "1"]
         setup += ["--configs", "baseline", "sharing", "packing", "sharing+packing"]
     else:
-        setup = ["--shapes", "capybara", "metamath", "tldr", "--model-size", "qwen2-0.5b", "--examples", "80"]
+        setup = ["--shapes", "capybara", "metamath", "tldr", "--model-size", "llama-1b", "--examples", "80"]
         setup += ["--configs", "baseline", "baseline-flex", "sharing", "packing", "sharing+packing"]
         setup += ["--bf16", "--attn-implementation", "flex_attention", "--packing-factor", "4", "--warmup-steps", "3"]
         setup += ["--gradient-checkpointing"]
@@ -517,14 +524,20 @@ def main(argv: list[str] | None = None) -> None:
             phase.update(tag=tag, command=f"python benchmark/throughput.py {' '.join(argv)}")
             bench_started = time.perf_counter()
             results: list[dict[str, Any]] = []
-            for result in throughput.shape_results(bench_args, tokenizer, scratch, print):
-                results.append(result)
-                elapsed = time.perf_counter() - bench_started
-                payload = throughput.make_payload(bench_args, dims, phase["command"], results, elapsed)
-                phase["payload"] = payload
-                (args.output_dir / f"{tag}.json").write_text(json.dumps(payload))
-                throughput.render(payload, args.output_dir / tag)
-                save()
+            for key in bench_args.shapes:
+                shape_run = ShapeRun(SHAPES[key], tokenizer, bench_args, scratch, print)
+                try:
+                    shape_run.run([CONFIGS[c] for c in bench_args.configs], bench_args.warmup_steps)
+                finally:  # a shape cut short by the budget still reports the configurations it finished
+                    if shape_run.runs:
+                        results.append(shape_run.result())
+                    elapsed = time.perf_counter() - bench_started
+                    payload = throughput.make_payload(bench_args, dims, phase["command"], results, elapsed)
+                    phase["payload"] = payload
+                    (args.output_dir / f"{tag}.json").write_text(json.dumps(payload))
+                    if results:
+                        throughput.render(payload, args.output_dir / tag)
+                    save()
                 slowest = max(r["wall_seconds"] for r in results)
                 if len(results) < len(bench_args.shapes) and time.perf_counter() + slowest > started + budget:
                     phase["error"] = f"stopped after {len(results)} shape(s): the next would not fit the budget"

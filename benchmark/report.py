@@ -36,6 +36,11 @@ def fmt_range(values: Sequence[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
+def baseline_ratio(result: dict[str, Any], key: str, clock: str) -> str:
+    """Speedup over TRL's sdpa path, or "-" where a run cut short has no baseline."""
+    return fmt_range(speedups(result, key, "baseline", clock)) if "baseline" in result["runs"] else "-"
+
+
 def median_speedup(result: dict[str, Any], key: str, over: str) -> float | None:
     if not {key, over} <= result["runs"].keys():
         return None
@@ -143,10 +148,10 @@ def throughput_table(results: list[dict[str, Any]], cpu_time: bool) -> str:
                 fmt_range(seconds),
                 f"{examples / middle:.2f}",
                 f"{runs[0]['tokens_standard'] / middle:,.0f}",
-                fmt_range(speedups(result, key, "baseline")),
+                baseline_ratio(result, key, "seconds"),
             ]
             if cpu_time:
-                row.append(fmt_range(speedups(result, key, "baseline", "cpu_seconds")))
+                row.append(baseline_ratio(result, key, "cpu_seconds"))
             if isolated:
                 cost = result["compilation"][key]
                 variants = cost["variants"]
@@ -169,7 +174,9 @@ def work_table(results: list[dict[str, Any]], costs: dict[str, float], cpu_time:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for result in results:
-        work = {key: Work(**counts) for key, counts in result["work"].items()}
+        if "baseline" not in result["runs"]:
+            continue
+        work = {key: Work(**counts) for key, counts in result["work"].items() if key in result["runs"]}
         base = work["baseline"].cost(costs)
         for index, (key, counts) in enumerate(work.items()):
             measured = statistics.median(speedups(result, key, "baseline", clock))
@@ -194,9 +201,13 @@ def plot(results: list[dict[str, Any]], path: Path, title: str, cpu_time: bool) 
     import matplotlib.pyplot as plt
 
     over = unpacked_baseline(results)
-    panels = [("unpacked", "sharing", over, f"without packing: prefix sharing / {CONFIGS[over].label}")]
+    panels = []
+    if all({"sharing", over} <= r["runs"].keys() for r in results):
+        panels.append(("unpacked", "sharing", over, f"without packing: prefix sharing / {CONFIGS[over].label}"))
     if all("sharing+packing" in r["runs"] and "packing" in r["runs"] for r in results):
         panels.append(("packed", "sharing+packing", "packing", "with packing: prefix sharing + packing / packing"))
+    if not panels:
+        return
     clocks = ("seconds", "cpu_seconds") if cpu_time else ("seconds",)
     names = [r["shape"]["name"] for r in results]
     bounds = [r["examples"]["bound"] for r in results]

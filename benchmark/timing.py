@@ -183,8 +183,12 @@ def _step_timer():
             synchronize()
             self.marks.append(time.perf_counter())
             self.cpu_marks.append(time.process_time())
+            if self.echo is not None:
+                self.echo(f"      step {len(self.marks) - 1}: {self.marks[-1] - self.marks[0]:6.1f} s")
 
-    return StepTimer()
+    timer = StepTimer()
+    timer.echo = None  # a log function, to follow warm-up steps (compilation) as they finish
+    return timer
 
 
 def make_trainer(
@@ -402,23 +406,27 @@ class ShapeRun:
         self.centers, pool, self.pool_lengths = calibrate(
             shape, tokenizer, args.pool_size, args.seed, args.calibration_rounds
         )
-        self.dataset = pool.select(
-            representative_subset(self.pool_lengths, examples_for(self.pool_lengths, args), args.seed)
-        )
+        picked = representative_subset(self.pool_lengths, examples_for(self.pool_lengths, args), args.seed)
+        self.dataset = pool.select(picked)
+        # The calibration tokenizes as TRL does (checked against each trainer's dataset), so the packing length can
+        # be chosen before any trainer exists.
+        self.lengths = self.pool_lengths.subset(picked)
         self.dims = model_dims(args, len(tokenizer))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if args.bf16 else torch.float32
         self.policy = build_model(self.dims, args.attn_implementation, args.seed, self.device, dtype)
         self.reference = build_model(self.dims, args.attn_implementation, args.seed + 1, self.device, dtype)
-        self.lengths: Lengths | None = None
         self.packing_stats: dict[str, dict[str, Any]] = {}
+        self.work: dict[str, Work] = {}
+        self.runs: dict[str, list[EpochResult]] = {}
+        self.compilation: dict[str, Compilation] = {}
+        self._describe()
 
     def trainer(self, config: RunConfig) -> PrefixDPOTrainer:
         from packing import packing_statistics
 
         packing_length = None
         if config.packing:
-            assert self.lengths is not None, "an unpacked configuration comes first"
             packing_length = choose_packing_length(self.lengths, self.args)
             stats = packing_statistics(self.lengths.layout_lengths(config.prefix_sharing), packing_length)
             self.packing_stats[config.key] = {
@@ -436,9 +444,8 @@ class ShapeRun:
             packing_length,
             self.output_dir,
         )
-        if self.lengths is None:
-            self.lengths = tokenized_lengths(trainer)
-            self._describe()
+        if tokenized_lengths(trainer) != self.lengths:
+            raise RuntimeError(f"{self.shape.name}: the trainer tokenized other lengths than the calibration measured")
         return trainer
 
     def _describe(self) -> None:
@@ -458,58 +465,56 @@ class ShapeRun:
         )
 
     def run(self, configs: list[RunConfig], warmup_steps: int) -> dict[str, Any]:
-        # Unpacked configurations first: their tokenized dataset gives the lengths the packing length comes from.
-        configs = sorted(configs, key=lambda c: c.packing)
+        """Times ``configs`` and returns :meth:`result`. What finished is kept as it finishes, so ``result`` also
+        describes a run cut short."""
         if self.args.isolate:
-            work, runs, compilation = self._run_isolated(configs, warmup_steps)
+            self._run_isolated(configs, warmup_steps)
         else:
-            work, runs = self._run_interleaved(configs, warmup_steps)
-            compilation = {}
+            self._run_interleaved(configs, warmup_steps)
         for key, stats in self.packing_stats.items():
             self.log(
                 f"   {key}: packing length {stats['packing_length']}, {stats['examples_per_row']:.2f} examples/row, "
                 f"{stats['efficiency']:.1%} non-padding"
             )
+        return self.result()
+
+    def result(self) -> dict[str, Any]:
         return {
             "shape": {**asdict(self.shape), "paper": self.shape.paper},
             "word_centers": self.centers,
             "examples": self.lengths.summary(),
             "pool": self.pool_lengths.summary(),
             "packing": self.packing_stats,
-            "work": {key: asdict(counts) for key, counts in work.items()},
-            "runs": {key: _result_runs(results) for key, results in runs.items()},
-            "compilation": {key: asdict(value) for key, value in compilation.items()},
+            "work": {key: asdict(counts) for key, counts in self.work.items()},
+            "runs": {key: _result_runs(results) for key, results in self.runs.items() if results},
+            "compilation": {key: asdict(value) for key, value in self.compilation.items()},
             "wall_seconds": time.perf_counter() - self.started,
         }
 
-    def _run_interleaved(self, configs: list[RunConfig], warmup_steps: int):
+    def _run_interleaved(self, configs: list[RunConfig], warmup_steps: int) -> None:
         trainers = {config.key: self.trainer(config) for config in configs}
-        work = {key: count_work(trainer) for key, trainer in trainers.items()}
+        self.work = {key: count_work(trainer) for key, trainer in trainers.items()}
         if warmup_steps:
             for trainer in trainers.values():
                 run_epoch(trainer, max_steps=warmup_steps)
-        runs: dict[str, list[EpochResult]] = {key: [] for key in trainers}
+        self.runs = {key: [] for key in trainers}
         for repeat in range(self.args.repeats):
             # Interleaved, and in a rotated order each repeat, so that drift in machine load spreads over all configs.
             order = list(trainers)
             order = order[repeat % len(order) :] + order[: repeat % len(order)]
             for key in order:
                 result = run_epoch(trainers[key])
-                runs[key].append(result)
+                self.runs[key].append(result)
                 self._log_run(f"repeat {repeat + 1}", key, result)
         for trainer in trainers.values():
             trainer.accelerator.free_memory()
-        return work, runs
 
-    def _run_isolated(self, configs: list[RunConfig], warmup_steps: int):
+    def _run_isolated(self, configs: list[RunConfig], warmup_steps: int) -> None:
         import torch
 
         import flex_compile_watchdog
 
         cuda = torch.cuda.is_available()
-        work: dict[str, Work] = {}
-        runs: dict[str, list[EpochResult]] = {}
-        compilation: dict[str, Compilation] = {}
         for config in configs:
             torch._dynamo.reset()
             flex_compile_watchdog.forget_warnings()
@@ -521,30 +526,29 @@ class ShapeRun:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", RuntimeWarning)
                 trainer = self.trainer(config)
-                work[config.key] = count_work(trainer)
+                self.work[config.key] = count_work(trainer)
                 started = time.perf_counter()
                 if warmup_steps:
+                    trainer.step_timer.echo = self.log
                     run_epoch(trainer, max_steps=warmup_steps)
+                    trainer.step_timer.echo = None
                 warmup_seconds = time.perf_counter() - started
-                runs[config.key] = []
+                self.runs[config.key] = []
                 for repeat in range(self.args.repeats):
                     result = run_epoch(trainer)
-                    runs[config.key].append(result)
+                    self.runs[config.key].append(result)
                     self._log_run(f"repeat {repeat + 1}", config.key, result)
-            said = [
-                str(w.message) for w in caught if issubclass(w.category, RuntimeWarning) and "compil" in str(w.message)
-            ]
-            compilation[config.key] = Compilation(
+            said = [str(w.message) for w in caught if w.category is RuntimeWarning and "compil" in str(w.message)]
+            cost = Compilation(
                 warmup_seconds=warmup_seconds,
                 variants=flex_compile_watchdog.compiled_variants(),
                 watchdog_warnings=said,
                 peak_memory_gib=(torch.cuda.max_memory_allocated() - resident) / 2**30 if cuda else None,
             )
+            self.compilation[config.key] = cost
             self.log(
-                f"   {config.key:16s} warm-up {warmup_seconds:6.1f} s, compiled variants "
-                f"{compilation[config.key].variants}, watchdog warnings {len(said)}"
-                + (f", peak {compilation[config.key].peak_memory_gib:.1f} GiB" if cuda else "")
+                f"   {config.key:16s} warm-up {warmup_seconds:6.1f} s, compiled variants {cost.variants}, watchdog "
+                f"warnings {len(said)}" + (f", peak {cost.peak_memory_gib:.1f} GiB" if cuda else "")
             )
             trainer.accelerator.free_memory()
             del trainer
-        return work, runs, compilation
