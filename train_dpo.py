@@ -115,6 +115,14 @@ def main(script_args: ScriptArguments, training_args: PrefixDPOConfig, model_arg
         # ru_maxrss is in KiB on Linux, in bytes on macOS.
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         peak_memory = f"{rss / 2**30:.2f} GiB (process max RSS)"
+    compiles = ""
+    if trainer.model.config._attn_implementation == "flex_attention":
+        variants = trainer.compile_watchdog.counts
+        compiles = (
+            f"  compiled variants:                  flex_attention {variants['flex_attention']}, create_block_mask "
+            f"{variants['create_block_mask']} (dynamo stops compiling a function at "
+            f"{torch._dynamo.config.recompile_limit})\n"
+        )
     trainer.accelerator.print(
         "\nSummary\n"
         f"  prefix sharing:                     {'on' if training_args.prefix_sharing else 'off'}\n"
@@ -122,6 +130,7 @@ def main(script_args: ScriptArguments, training_args: PrefixDPOConfig, model_arg
         f"  tokens/s:                           {standard / runtime:,.0f} standard-DPO tokens "
         f"({computed / runtime:,.0f} computed)\n"
         f"  peak memory:                        {peak_memory}\n"
+        f"{compiles}"
         f"  tokens computed:                    {computed:,}\n"
         f"  tokens standard DPO would compute:  {standard:,} ({1 - computed / max(standard, 1):.1%} saved)\n"
         f"  model saved to:                     {training_args.output_dir}"
