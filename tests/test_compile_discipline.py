@@ -9,7 +9,7 @@ from test_packing import packing_length_for
 
 import flex_compile_watchdog
 from collators import PrefixSharingCollator, block_mask
-from prefix_dpo_trainer import cached_attention_mask
+from shared_layout import cached_attention_mask
 
 
 @pytest.fixture

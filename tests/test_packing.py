@@ -76,7 +76,7 @@ def test_packed_training_loop_uses_every_example_once(tmp_path):
     dataset = conversational_rows(12)
     length = packing_length_for(dataset, True)
     _, ours = make_trainers(dataset, packing_length=length, tmp_path=tmp_path)
-    ours.args.per_device_train_batch_size = 1
+    ours.args.per_device_train_batch_size = ours._train_batch_size = 1
     seen = []
     for batch in ours.get_train_dataloader():
         assert batch["shared_inputs"]["input_ids"].shape == (1, length)
