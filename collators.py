@@ -321,7 +321,8 @@ class SharedLayoutCollator:
     (``packing.next_fit``): the packed batch sampler hands them over row by row. ``share_prompt=False``
     packs ``prompt+chosen`` and ``prompt+rejected`` as two documents (plain DPO packing). ``group_prompts=False`` lays
     every pair out alone, as the paper does (the benchmark's pairwise baseline). ``batch_rows`` pads every layout to
-    that many rows, so that a short last batch compiles to no new shape. Examples must already fit ``max_length``.
+    that many rows, so that a short last batch compiles to no new shape; an unpacked batch whose pairs share rows is
+    padded to a power of two of its rows instead (at most ``batch_rows``). Examples must already fit ``max_length``.
     """
 
     shared_pad_to_multiple_of: int | None = None
@@ -332,12 +333,17 @@ class SharedLayoutCollator:
 
     def shared_inputs(self, examples: Sequence[dict[str, Sequence[int]]], score: Score) -> dict[str, torch.Tensor]:
         grouped = self.share_prompt and self.group_prompts
+        num_rows = self.batch_rows
         if self.packing_length is not None:
             sizes = layout_sizes(examples, self.share_prompt, self.group_prompts)
             prompts = [tuple(example["prompt_ids"]) for example in examples] if grouped else None
             rows = next_fit(sizes, self.packing_length, prompts, self.batch_rows)
         else:
             rows = prompt_rows(examples) if grouped else [[index] for index in range(len(examples))]
+            if num_rows is not None and len(rows) < len(examples):
+                # Pairs of one prompt share rows, so the loader's batch size (in pairs) would be mostly empty rows:
+                # pad to a power of two of the rows used instead, which still gives compiled attention few shapes.
+                num_rows = min(num_rows, 1 << (len(rows) - 1).bit_length())
         return build_shared_inputs(
             examples,
             rows,
@@ -345,7 +351,7 @@ class SharedLayoutCollator:
             share_prompt=self.share_prompt,
             length=self.packing_length,
             pad_to_multiple_of=self.shared_pad_to_multiple_of,
-            num_rows=self.batch_rows,
+            num_rows=num_rows,
             score=score,
             group_prompts=self.group_prompts,
         )

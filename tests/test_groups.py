@@ -177,7 +177,8 @@ def test_group_by_prompt_batches_whole_groups_and_every_pair_once(packed, tmp_pa
         groups = {group_of[pair] for pair in pairs}
         assert len(pairs) == sum(len(by_prompt[group]) for group in groups) <= 8, "a batch holds whole groups"
         shared = batch["shared_inputs"]
-        assert len(shared["input_ids"]) == (1 if packed else 8)
+        # Packed: the loader's one row. Unpacked: a row per group, padded to a power of two, not to 8 pair rows.
+        assert len(shared["input_ids"]) == (1 if packed else 1 << (len(groups) - 1).bit_length())
         # One document per group: each prompt runs once in the batch.
         assert sum(len(set(row.tolist()) - {-1}) for row in shared["sequence_ids"]) == len(groups)
         seen += pairs
