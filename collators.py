@@ -1,4 +1,4 @@
-"""Layouts and attention masks for prefix-shared (and packed) DPO batches.
+"""Layouts and attention masks for prefix-shared (and packed) DPO and reward-model batches.
 
 Standard DPO runs every prompt twice, once before the chosen and once before the rejected response. Prefix sharing
 runs it once, as one sequence ``prompt | chosen | rejected``, under a mask where the rejected tokens do not see the
@@ -18,30 +18,60 @@ Every token then sees exactly what it sees in the standard layout, at the same p
 (and their gradients) are the standard ones. Packing puts several examples in one row, each its own document
 (``sequence_ids``); without prefix sharing an example is two documents, ``prompt+chosen`` and ``prompt+rejected``.
 
-The collator emits TRL's own standard batch (``input_ids``, ``attention_mask``, ``completion_mask`` laid out as
-``[chosen rows; rejected rows]``) so that TRL's loss and metrics run unchanged, plus ``shared_inputs``: the tensors of
-the single forward that replaces the standard one, and ``score_index``, the flat position in that forward whose
-hidden state predicts each standard completion token (in row-major order of the standard completion mask).
+Groups. Pairs of a row whose prompts are the same tokens share one prompt, and a response that several of them hold
+is laid out once: the group is one document ``prompt | response 1 | ... | response K``, every distinct response its own
+branch (1..K), which sees the prompt and itself only, its positions restarting after the prompt. Three pairs of one
+prompt, ``(a, b)``, ``(a, c)`` and ``(c, b)`` (chosen first), take three responses, not six::
+
+    tokens     p0 p1 a0 a1 b0 c0 c1 c2          query \\ key  p0 p1 a0 a1 b0 c0 c1 c2
+    positions   0  1  2  3  2  2  3  4              p0        x
+    branch      0  0  1  1  2  3  3  3              p1        x  x
+                                                    a0        x  x  x
+    pair (a, b): a0 <- p1  a1 <- a0   b0 <- p1      a1        x  x  x  x
+    pair (a, c): a0 <- p1  a1 <- a0   c0 <- p1 ...  b0        x  x  .  .  x
+    pair (c, b): c0 <- p1  c1 <- c0 ...   b0 <- p1  c0        x  x  .  .  .  x
+                                                    c1        x  x  .  .  .  x  x
+                                                    c2        x  x  .  .  .  x  x  x
+
+The states of ``a`` are read twice, once for each pair that holds it; TRL's batch still has one chosen and one
+rejected row per pair. A pair alone is the group of one pair (chosen branch 1, rejected branch 2), so one function lays
+out both, and one mask rule covers both: a key is seen if it is in the query's document, not after it, and in the
+prompt or in the query's own branch (and, for sliding-window layers, within the window in position space).
+
+The collators emit TRL's own standard batch (DPO: ``input_ids``, ``attention_mask``, ``completion_mask`` laid out as
+``[chosen rows; rejected rows]``; reward models: ``input_ids``, ``attention_mask``, ``margin``) so that TRL's loss and
+metrics run unchanged, plus ``shared_inputs``: the tensors of the single forward that replaces the standard one, and
+``score_index``, the flat positions in that forward whose hidden states the head scores. For DPO that is, for each
+standard completion token (in row-major order of the standard completion mask), the state that predicts it; for a
+reward model, for each standard sequence, the state of its last token that is not padding, where TRL's sequence
+classifier reads the reward. A reward pair is split into prompt and responses at the common token prefix of its chosen
+and rejected sequences.
 
 The masks themselves are built on the device, in the forward, from ``sequence_ids``/``branch_ids``/``position_ids``:
 the collator may run in dataloader workers, and a ``BlockMask`` (which holds a closure) cannot be pickled.
 """
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import PretrainedConfig
 from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.reward_trainer import DataCollatorForPreference as RewardDataCollatorForPreference
 
-from packing import next_fit
+from packing import Size, next_fit
 
-PROMPT, CHOSEN, REJECTED = 0, 1, 2
+PROMPT = 0
+# The branches of a pair laid out alone; a group numbers its distinct responses 1..K in order of first appearance.
+CHOSEN, REJECTED = 1, 2
 PADDING_SEQUENCE = -1
+RESPONSES = ("chosen_ids", "rejected_ids")
 # Attention backends that take an arbitrary mask through transformers' attention interface.
 MASKABLE_BACKENDS = ("flex_attention", "sdpa", "eager")
+# What `score_index` points at: the state predicting each completion token (DPO), or each sequence's last token.
+Score = Literal["next_token", "last_token"]
 
 
 def round_up(length: int, multiple: int | None) -> int:
@@ -51,126 +81,305 @@ def round_up(length: int, multiple: int | None) -> int:
 
 
 def shared_sequence_length(example: dict[str, Sequence[int]], share_prompt: bool = True) -> int:
-    """Tokens one example takes in the single forward: ``P + C + R`` shared, ``2P + C + R`` otherwise."""
+    """Tokens one example takes laid out alone as a pair: ``P + C + R`` shared, ``2P + C + R`` otherwise."""
     prompt, chosen, rejected = len(example["prompt_ids"]), len(example["chosen_ids"]), len(example["rejected_ids"])
     return prompt + chosen + rejected + (0 if share_prompt else prompt)
 
 
+def layout_sizes(
+    examples: Sequence[dict[str, Sequence[int]]], share_prompt: bool = True, group_prompts: bool = True
+) -> list[Size]:
+    """What each example adds to a row, as :func:`packing.next_fit` takes it.
+
+    Grouped (prefix sharing, ``group_prompts``): its parts, the prompt and the two responses, keyed by their tokens,
+    so that pairs of one prompt in a row count the prompt once and a response they share once. Otherwise the length of
+    the pair laid out alone.
+
+    >>> layout_sizes([{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5]}] * 2)
+    [[(0, 2), (1, 1), (2, 2)], [(0, 2), (1, 1), (2, 2)]]
+    """
+    if not (share_prompt and group_prompts):
+        return [shared_sequence_length(example, share_prompt) for example in examples]
+    keys: dict[Hashable, int] = {}
+    sizes: list[Size] = []
+    for example in examples:
+        prompt = keys.setdefault(("prompt", tuple(example["prompt_ids"])), len(keys))
+        parts = [(prompt, len(example["prompt_ids"]))]
+        for column in RESPONSES:
+            parts.append((keys.setdefault((prompt, tuple(example[column])), len(keys)), len(example[column])))
+        sizes.append(parts)
+    return sizes
+
+
+def prompt_rows(examples: Sequence[dict[str, Sequence[int]]]) -> list[list[int]]:
+    """One row per distinct prompt, in order of first appearance: the unpacked layout of a batch."""
+    rows: dict[tuple[int, ...], list[int]] = {}
+    for index, example in enumerate(examples):
+        rows.setdefault(tuple(example["prompt_ids"]), []).append(index)
+    return list(rows.values())
+
+
+def common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
+    """Length of the longest common prefix, by bisection on slices (compared in C, each element about once)."""
+    low, high = 0, min(len(first), len(second))
+    while low < high:  # first[:low] == second[:low], and they differ somewhere before `high + 1`
+        middle = (low + high + 1) // 2
+        if first[low:middle] == second[low:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def split_common_prefixes(examples: Sequence[dict[str, Any]]) -> list[dict[str, Sequence[int]]]:
+    """Reward pairs (whole ``chosen_ids``/``rejected_ids`` sequences) as prompt and responses.
+
+    A pair's prompt is the common token prefix of its two sequences, and pairs that hold the same sequence or have the
+    same common prefix (the pairs of one prompt, in all-pairs data) take the prefix common to all their sequences, so
+    that they share it even when two of their responses start alike. A prefix stops short of the last token of every
+    sequence, so that each response keeps at least one token.
+
+    >>> first = {"chosen_ids": [1, 2, 3, 4], "rejected_ids": [1, 2, 3, 5]}
+    >>> second = {"chosen_ids": [1, 2, 3, 4], "rejected_ids": [1, 2, 6]}
+    >>> [example["prompt_ids"] for example in split_common_prefixes([first])]
+    [[1, 2, 3]]
+    >>> [example["prompt_ids"] for example in split_common_prefixes([first, second])]
+    [[1, 2], [1, 2]]
+    """
+    sequences = [(tuple(example["chosen_ids"]), tuple(example["rejected_ids"])) for example in examples]
+    parent = list(range(len(examples)))
+
+    def root(index: int) -> int:
+        while parent[index] != index:
+            parent[index] = parent[parent[index]]
+            index = parent[index]
+        return index
+
+    first_holder: dict[Hashable, int] = {}
+    for index, (chosen, rejected) in enumerate(sequences):
+        prefix = chosen[: common_prefix_length(chosen, rejected)]
+        for key in (("sequence", chosen), ("sequence", rejected), ("prefix", prefix)):
+            parent[root(index)] = root(first_holder.setdefault(key, index))
+    members: dict[int, list[tuple[int, ...]]] = {}
+    for index, pair in enumerate(sequences):
+        members.setdefault(root(index), []).extend(pair)
+    shared: dict[int, int] = {}
+    for group, group_sequences in members.items():
+        first, *others = group_sequences
+        length = min(len(sequence) for sequence in group_sequences) - 1
+        for other in others:
+            length = min(length, common_prefix_length(first[:length], other[:length]))
+        shared[group] = max(0, length)
+    split = []
+    for index, (chosen, rejected) in enumerate(sequences):
+        length = shared[root(index)]
+        prompt = examples[index]["chosen_ids"][:length]
+        split.append(
+            {"prompt_ids": prompt, "chosen_ids": list(chosen[length:]), "rejected_ids": list(rejected[length:])}
+        )
+    return split
+
+
+def _lay_out_row(
+    examples: Sequence[dict[str, Sequence[int]]], row: Sequence[int], share_prompt: bool, group_prompts: bool
+) -> tuple[list[int], list[int], list[int], list[int], dict[tuple[int, str], tuple[int, int]]]:
+    """One row's ids, positions, documents and branches, and where each example's sequences lie in it: for every
+    (example, response column), the row offsets of the prompt copy and of the response that make the sequence."""
+    ids: list[int] = []
+    positions: list[int] = []
+    sequences: list[int] = []
+    branches: list[int] = []
+    spans: dict[tuple[int, str], tuple[int, int]] = {}
+
+    def append(tokens: Sequence[int], first_position: int, document: int, branch: int) -> int:
+        start = len(ids)
+        ids.extend(tokens)
+        positions.extend(range(first_position, first_position + len(tokens)))
+        sequences.extend([document] * len(tokens))
+        branches.extend([branch] * len(tokens))
+        return start
+
+    if not share_prompt:
+        for document, index in enumerate(row):
+            prompt = examples[index]["prompt_ids"]
+            for number, column in enumerate(RESPONSES):
+                prompt_at = append(prompt, 0, 2 * document + number, PROMPT)
+                spans[index, column] = (
+                    prompt_at,
+                    append(examples[index][column], len(prompt), 2 * document + number, PROMPT),
+                )
+        return ids, positions, sequences, branches, spans
+
+    groups: dict[Hashable, list[int]] = {}
+    for index in row:
+        groups.setdefault(tuple(examples[index]["prompt_ids"]) if group_prompts else index, []).append(index)
+    for document, members in enumerate(groups.values()):
+        prompt = examples[members[0]]["prompt_ids"]
+        prompt_at = append(prompt, 0, document, PROMPT)
+        response_at: dict[Hashable, int] = {}
+        for index in members:
+            for column in RESPONSES:
+                response = examples[index][column]
+                key = tuple(response) if group_prompts else column
+                if key not in response_at:
+                    response_at[key] = append(response, len(prompt), document, len(response_at) + 1)
+                spans[index, column] = (prompt_at, response_at[key])
+    return ids, positions, sequences, branches, spans
+
+
 def build_shared_inputs(
-    rows: list[list[dict[str, Sequence[int]]]],
+    examples: Sequence[dict[str, Sequence[int]]],
+    rows: Sequence[Sequence[int]],
     pad_token_id: int,
     share_prompt: bool = True,
     length: int | None = None,
     pad_to_multiple_of: int | None = None,
     num_rows: int | None = None,
+    score: Score = "next_token",
+    group_prompts: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Lays out ``rows`` (each a list of tokenized examples) for one forward.
+    """Lays out ``examples`` (tokenized pairs) in ``rows`` (lists of example indices, each example in one) for one
+    forward.
 
     Returns ``input_ids``, ``position_ids``, ``sequence_ids`` (document index in its row, -1 for padding) and
-    ``branch_ids`` (0 prompt, 1 chosen, 2 rejected), all ``(num_rows, length)``, and ``score_index``: for every
-    completion token, chosen ones of all examples first then rejected ones, the flat index of the hidden state that
-    predicts it. Examples are numbered across rows in order, matching TRL's ``[chosen rows; rejected rows]`` batch.
-    ``num_rows`` pads the layout with empty rows (all padding, nothing scored), so that a short last batch has the
-    same shape as the others.
+    ``branch_ids`` (0 prompt, 1..K the responses of a document), all ``(num_rows, length)``, and ``score_index``: the
+    flat indices of the hidden states to score, for the chosen sequences of all examples in the order of ``examples``,
+    then the rejected ones, matching TRL's ``[chosen rows; rejected rows]`` batch. ``score="next_token"``: for every
+    completion token, the state that predicts it; ``"last_token"``: for every sequence, the state of its last token
+    that is not ``pad_token_id`` (its first token if there is none), where TRL's sequence classifier reads.
+    With ``share_prompt`` the pairs of a row whose prompts are the same tokens form one group (see the module
+    docstring); ``group_prompts=False`` lays every pair out alone instead, as the paper does. ``num_rows`` pads the
+    layout with empty rows (all padding, nothing scored), so that a short last batch has the same shape as the others.
 
-    >>> shared = build_shared_inputs([[{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [3, 4]}]], 0)
+    >>> example = {"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [3, 4]}
+    >>> shared = build_shared_inputs([example], [[0]], 0)
     >>> shared["position_ids"].tolist(), shared["score_index"].tolist()
     ([[0, 1, 2, 3, 4, 3, 4]], [2, 3, 2, 5])
+    >>> second = {"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [1]}
+    >>> shared = build_shared_inputs([example, second], [[0, 1]], 0)
+    >>> shared["branch_ids"].tolist(), shared["score_index"].tolist()
+    ([[0, 0, 0, 1, 1, 2, 2, 3]], [2, 3, 2, 3, 2, 5, 2])
     """
+    placed = sorted(index for row in rows for index in row)
+    if placed != list(range(len(examples))):
+        raise ValueError(f"The rows must hold each of the {len(examples)} examples exactly once, got {list(rows)}.")
     if num_rows is not None:
         if len(rows) > num_rows:
             raise ValueError(f"The batch needs {len(rows)} rows but the layout has {num_rows}.")
-        rows = rows + [[] for _ in range(num_rows - len(rows))]
-    natural = max(sum(shared_sequence_length(e, share_prompt) for e in row) for row in rows)
+        rows = [*rows, *([] for _ in range(num_rows - len(rows)))]
+    laid_out = [_lay_out_row(examples, row, share_prompt, group_prompts) for row in rows]
+    natural = max(len(row[0]) for row in laid_out)
     if length is None:
         length = round_up(natural, pad_to_multiple_of)
     elif natural > length:
         raise ValueError(f"A row needs {natural} tokens but the layout length is {length}.")
 
     input_ids, position_ids, sequence_ids, branch_ids = [], [], [], []
-    chosen_index: list[int] = []
-    rejected_index: list[int] = []
-    for row_number, row in enumerate(rows):
-        ids: list[int] = []
-        positions: list[int] = []
-        sequences: list[int] = []
-        branches: list[int] = []
-        offset = row_number * length
-        document = 0
-        for example in row:
-            prompt, chosen, rejected = example["prompt_ids"], example["chosen_ids"], example["rejected_ids"]
-            p, c, r = len(prompt), len(chosen), len(rejected)
-            start = len(ids)
-            if share_prompt:
-                ids += [*prompt, *chosen, *rejected]
-                positions += [*range(p + c), *range(p, p + r)]
-                sequences += [document] * (p + c + r)
-                branches += [PROMPT] * p + [CHOSEN] * c + [REJECTED] * r
-                document += 1
-                # The first rejected token is predicted by the last prompt token, like the first chosen one.
-                chosen_index += range(offset + start + p - 1, offset + start + p + c - 1)
-                rejected_index += [
-                    offset + start + p - 1,
-                    *range(offset + start + p + c, offset + start + p + c + r - 1),
-                ]
-            else:
-                ids += [*prompt, *chosen, *prompt, *rejected]
-                positions += [*range(p + c), *range(p + r)]
-                sequences += [document] * (p + c) + [document + 1] * (p + r)
-                branches += [PROMPT] * (2 * p + c + r)
-                document += 2
-                chosen_index += range(offset + start + p - 1, offset + start + p + c - 1)
-                rejected_start = start + p + c
-                rejected_index += range(offset + rejected_start + p - 1, offset + rejected_start + p + r - 1)
+    spans: dict[tuple[int, str], tuple[int, int]] = {}
+    for row_number, (ids, positions, sequences, branches, row_spans) in enumerate(laid_out):
         padding = length - len(ids)
         input_ids.append(ids + [pad_token_id] * padding)
         # Padding continues the positions so that no position exceeds the model's range more than a real token does.
         position_ids.append(positions + list(range(padding)))
         sequence_ids.append(sequences + [PADDING_SEQUENCE] * padding)
         branch_ids.append(branches + [PROMPT] * padding)
+        offset = row_number * length
+        spans.update({key: (offset + at, offset + response) for key, (at, response) in row_spans.items()})
+
+    score_index: list[int] = []
+    for column in RESPONSES:
+        for index, example in enumerate(examples):
+            prompt, response = example["prompt_ids"], example[column]
+            prompt_at, response_at = spans[index, column]
+            # Standard position i of this sequence lies at prompt_at + i in the prompt, at response_at + i - p after.
+            p = len(prompt)
+            at = [*range(prompt_at, prompt_at + p), *range(response_at, response_at + len(response))]
+            if score == "next_token":
+                score_index += at[p - 1 : p + len(response) - 1]
+            else:
+                tokens = [*prompt, *response]
+                score_index.append(at[max((i for i, token in enumerate(tokens) if token != pad_token_id), default=0)])
 
     return {
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "position_ids": torch.tensor(position_ids, dtype=torch.long),
         "sequence_ids": torch.tensor(sequence_ids, dtype=torch.long),
         "branch_ids": torch.tensor(branch_ids, dtype=torch.long),
-        "score_index": torch.tensor(chosen_index + rejected_index, dtype=torch.long),
+        "score_index": torch.tensor(score_index, dtype=torch.long),
     }
 
 
 @dataclass
-class PrefixSharingCollator(DataCollatorForPreference):
-    """TRL's preference collator, plus the ``shared_inputs`` of one forward that replaces the standard one.
+class SharedLayoutCollator:
+    """The fields and the layout step of the collators below (mixed into TRL's DPO and reward collators).
 
-    Without ``packing_length`` each example is one row, padded to a multiple of ``shared_pad_to_multiple_of``
-    (FlexAttention's blocks are 128 tokens, so unpacked lengths come in few sizes). With it, the examples are packed
-    in order into rows of exactly ``packing_length`` tokens, a new row starting when the next example does not fit:
-    the packed batch sampler hands them over row by row. ``share_prompt=False`` packs ``prompt+chosen`` and
-    ``prompt+rejected`` as two documents (plain DPO packing). ``batch_rows`` pads every layout to that many rows, so
-    that a short last batch compiles to no new shape. Examples must already fit ``max_length``: the trainer truncates
-    them when it prepares the dataset, the same way on every path.
+    Without ``packing_length`` each prompt of the batch gets a row of its own (holding all the batch's pairs of that
+    prompt), padded to a multiple of ``shared_pad_to_multiple_of`` (FlexAttention's blocks are 128 tokens, so unpacked
+    lengths come in few sizes). With it, the examples are packed in order into rows of exactly ``packing_length``
+    tokens, a new row starting when the next example does not fit, counting only what the row does not hold yet (its
+    prompt, a response it already has), and consecutive pairs of one prompt kept in one row where they fit one
+    (``packing.next_fit``): the packed batch sampler hands them over row by row. ``share_prompt=False``
+    packs ``prompt+chosen`` and ``prompt+rejected`` as two documents (plain DPO packing). ``group_prompts=False`` lays
+    every pair out alone, as the paper does (the benchmark's pairwise baseline). ``batch_rows`` pads every layout to
+    that many rows, so that a short last batch compiles to no new shape; an unpacked batch whose pairs share rows is
+    padded to a power of two of its rows instead (at most ``batch_rows``). Examples must already fit ``max_length``.
     """
 
     shared_pad_to_multiple_of: int | None = None
     packing_length: int | None = None
     share_prompt: bool = True
+    group_prompts: bool = True
     batch_rows: int | None = None
 
-    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = super().torch_call(examples)
-        if self.packing_length is None:
-            rows = [[example] for example in examples]
+    def shared_inputs(self, examples: Sequence[dict[str, Sequence[int]]], score: Score) -> dict[str, torch.Tensor]:
+        grouped = self.share_prompt and self.group_prompts
+        num_rows = self.batch_rows
+        if self.packing_length is not None:
+            sizes = layout_sizes(examples, self.share_prompt, self.group_prompts)
+            prompts = [tuple(example["prompt_ids"]) for example in examples] if grouped else None
+            rows = next_fit(sizes, self.packing_length, prompts, self.batch_rows)
         else:
-            lengths = [shared_sequence_length(example, self.share_prompt) for example in examples]
-            rows = [[examples[i] for i in row] for row in next_fit(lengths, self.packing_length)]
-        batch["shared_inputs"] = build_shared_inputs(
+            rows = prompt_rows(examples) if grouped else [[index] for index in range(len(examples))]
+            if num_rows is not None and len(rows) < len(examples):
+                # Pairs of one prompt share rows, so the loader's batch size (in pairs) would be mostly empty rows:
+                # pad to a power of two of the rows used instead, which still gives compiled attention few shapes.
+                num_rows = min(num_rows, 1 << (len(rows) - 1).bit_length())
+        return build_shared_inputs(
+            examples,
             rows,
             self.pad_token_id,
             share_prompt=self.share_prompt,
             length=self.packing_length,
             pad_to_multiple_of=self.shared_pad_to_multiple_of,
-            num_rows=self.batch_rows,
+            num_rows=num_rows,
+            score=score,
+            group_prompts=self.group_prompts,
         )
+
+
+@dataclass
+class PrefixSharingCollator(SharedLayoutCollator, DataCollatorForPreference):
+    """TRL's preference collator, plus the ``shared_inputs`` of one forward that replaces the standard one.
+
+    Examples must already fit ``max_length``: the trainer truncates them when it prepares the dataset, the same way on
+    every path.
+    """
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().torch_call(examples)
+        batch["shared_inputs"] = self.shared_inputs(examples, "next_token")
+        return batch
+
+
+@dataclass
+class PrefixRewardCollator(SharedLayoutCollator, RewardDataCollatorForPreference):
+    """TRL's reward-model collator, plus the ``shared_inputs`` of one forward: each pair split at the common token
+    prefix of its chosen and rejected sequences, or of its group's (:func:`split_common_prefixes`), scored at each
+    sequence's last token."""
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().torch_call(examples)
+        batch["shared_inputs"] = self.shared_inputs(split_common_prefixes(examples), "last_token")
         return batch
 
 

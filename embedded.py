@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import math
 import random
@@ -368,6 +369,32 @@ _HELPFUL_OPENERS = ("Sure, happy to help.", "Good question.", "Here is a careful
 _DISMISSIVE_OPENERS = ("Whatever.", "No idea, figure it out.", "Not my problem.")
 
 
+def _shared_turns(
+    rng: random.Random, prompt_words: tuple[int, int], turns: tuple[int, int], system_prob: float
+) -> list[dict[str, str]]:
+    """The conversation before the final answer: 1-N user turns (earlier ones answered), maybe a system message."""
+    num_turns = rng.randint(*turns)
+    shared_words = _log_uniform_int(rng, prompt_words)
+    roles = ["user", "assistant"] * (num_turns - 1) + ["user"]
+    if rng.random() < system_prob:
+        roles.insert(0, "system")
+    return [
+        {"role": role, "content": generate_text(rng, count, question=role == "user")}
+        for role, count in zip(roles, _split_words(rng, shared_words, len(roles)), strict=True)
+    ]
+
+
+def _response(
+    rng: random.Random, openers: tuple[str, ...], response_words: tuple[int, int], short_response_prob: float
+) -> str:
+    count = rng.randint(1, 3) if rng.random() < short_response_prob else _log_uniform_int(rng, response_words)
+    opener = rng.choice(openers)
+    opener_words = len(opener.split())
+    if count <= opener_words:
+        return generate_text(rng, count)
+    return f"{opener} {generate_text(rng, count - opener_words)}"
+
+
 def _make_example(
     rng: random.Random,
     prompt_words: tuple[int, int],
@@ -376,28 +403,11 @@ def _make_example(
     short_response_prob: float,
     system_prob: float,
 ) -> dict[str, Any]:
-    num_turns = rng.randint(*turns)
-    shared_words = _log_uniform_int(rng, prompt_words)
-    roles = ["user", "assistant"] * (num_turns - 1) + ["user"]
-    if rng.random() < system_prob:
-        roles.insert(0, "system")
-    shared = [
-        {"role": role, "content": generate_text(rng, count, question=role == "user")}
-        for role, count in zip(roles, _split_words(rng, shared_words, len(roles)), strict=True)
-    ]
-
-    def response(openers: tuple[str, ...]) -> str:
-        count = rng.randint(1, 3) if rng.random() < short_response_prob else _log_uniform_int(rng, response_words)
-        opener = rng.choice(openers)
-        opener_words = len(opener.split())
-        if count <= opener_words:
-            return generate_text(rng, count)
-        return f"{opener} {generate_text(rng, count - opener_words)}"
-
+    shared = _shared_turns(rng, prompt_words, turns, system_prob)
     # A learnable preference, so that a short demo run shows DPO at work: chosen replies open helpfully, rejected
     # ones dismissively; the opener counts towards the reply's words, and the rest is random text.
-    chosen_text = response(_HELPFUL_OPENERS)
-    rejected_text = response(_DISMISSIVE_OPENERS)
+    chosen_text = _response(rng, _HELPFUL_OPENERS, response_words, short_response_prob)
+    rejected_text = _response(rng, _DISMISSIVE_OPENERS, response_words, short_response_prob)
     if rejected_text == chosen_text:  # only possible for very short responses; a pair must differ to be a preference
         rejected_text = "No."
     chosen_rating = rng.randint(2, 5)
@@ -412,6 +422,43 @@ def _make_example(
         "rejected_rating": rng.randint(1, chosen_rating - 1),
         "rejected_model": rejected_model,
     }
+
+
+def _make_group(
+    rng: random.Random,
+    responses: int,
+    prompt_words: tuple[int, int],
+    response_words: tuple[int, int],
+    turns: tuple[int, int],
+    system_prob: float,
+) -> list[dict[str, Any]]:
+    shared = _shared_turns(rng, prompt_words, turns, system_prob)
+    ratings = list(range(1, responses + 1))
+    rng.shuffle(ratings)
+    # The better half opens helpfully, the rest dismissively: every pair is a learnable preference.
+    texts = [
+        _response(rng, _HELPFUL_OPENERS if 2 * rating > responses else _DISMISSIVE_OPENERS, response_words, 0.0)
+        for rating in ratings
+    ]
+    texts = [text if text not in texts[:k] else f"{text} ({k})" for k, text in enumerate(texts)]  # all distinct
+    models = [rng.choice(_MODELS) for _ in range(responses)]
+    source = rng.choice(_SOURCES)
+    rows = []
+    for first, second in itertools.combinations(range(responses), 2):
+        better, worse = (first, second) if ratings[first] > ratings[second] else (second, first)
+        rows.append(
+            {
+                "source": source,
+                "prompt": next(message["content"] for message in shared if message["role"] == "user"),
+                "chosen": [*shared, {"role": "assistant", "content": texts[better]}],
+                "chosen_rating": ratings[better],
+                "chosen_model": models[better],
+                "rejected": [*shared, {"role": "assistant", "content": texts[worse]}],
+                "rejected_rating": ratings[worse],
+                "rejected_model": models[worse],
+            }
+        )
+    return rows
 
 
 def _plain_text(example: dict[str, Any]) -> dict[str, str]:
@@ -494,6 +541,46 @@ def make_preference_dataset(
     if conversational:
         return Dataset.from_list(examples, features=capybara_features())
     return Dataset.from_list([_plain_text(example) for example in examples])
+
+
+def make_grouped_preference_dataset(
+    num_prompts: int,
+    responses_per_prompt: int = 4,
+    seed: int = 0,
+    conversational: bool = True,
+    prompt_words: tuple[int, int] = (60, 600),
+    response_words: tuple[int, int] = (6, 90),
+    turns: tuple[int, int] = (1, 4),
+    system_prob: float = 0.0,
+) -> Dataset:
+    """Several responses per prompt, binarized into all pairs: the shape of on-policy and iterative DPO data, and of
+    datasets that keep every pair (4 responses give 6 pairs per prompt, 7 give 21).
+
+    Each prompt's ``responses_per_prompt`` responses get distinct ratings 1..K (the better half opens helpfully, the
+    rest dismissively); every two of them make a pair, the better one chosen, so each response appears in K - 1 pairs.
+    A prompt's pairs are consecutive rows, in the schema of :func:`make_preference_dataset` (Capybara, or TRL's
+    standard plain text with ``conversational=False``), whose arguments the others are. Prompts are drawn from their
+    own generators seeded by (seed, prompt index), so more prompts extend fewer.
+    """
+    from datasets import Dataset
+
+    if responses_per_prompt < 2:
+        raise ValueError(f"responses_per_prompt must be at least 2 to make a pair, got {responses_per_prompt}")
+    rows = [
+        row
+        for index in range(num_prompts)
+        for row in _make_group(
+            random.Random(f"group {seed} {index}"),
+            responses_per_prompt,
+            prompt_words,
+            response_words,
+            turns,
+            system_prob,
+        )
+    ]
+    if conversational:
+        return Dataset.from_list(rows, features=capybara_features())
+    return Dataset.from_list([_plain_text(row) for row in rows])
 
 
 def trl_token_lengths(tokenizer: PreTrainedTokenizerBase, example: dict[str, Any]) -> tuple[int, int, int]:

@@ -1,8 +1,12 @@
 """Packing of DPO examples into rows of at most ``capacity`` tokens, and a batch sampler that yields packed rows.
 
-Each example has a known token length (computed elsewhere). :func:`pack_rows` bin-packs examples into rows,
-:class:`PackedBatchSampler` turns an epoch's packing into batches of ``rows_per_batch`` rows, and the collator splits a
-batch back into rows with :func:`next_fit`. The sampler is not rank-aware: accelerate's ``BatchSamplerShard`` deals
+Each example has a known token length (computed elsewhere), or is given as its *parts*: ``(key, tokens)`` pairs, such
+as its prompt and its two responses, where parts with the same key are laid out once per row (pairs of one prompt in a
+row share it, see ``collators.py``). :func:`pack_rows` bin-packs examples into rows, :class:`PackedBatchSampler` turns
+an epoch's packing into batches of ``rows_per_batch`` rows, and the collator splits a batch back into rows with
+:func:`next_fit`. :func:`prompt_units` keeps the pairs of one prompt together (``--group_by_prompt``).
+
+The sampler is not rank-aware: accelerate's ``BatchSamplerShard`` deals
 batch ``i`` to process ``i % num_processes``, so the sampler only has to yield a multiple of ``num_processes`` batches
 for every rank to take the same number of steps without any example being repeated or dropped.
 
@@ -13,16 +17,20 @@ overfills one; it departs from the plan only where the first example of a row fi
 before. Shuffled batches put the fullest rows first and each row's longest example first, and then next-fit gives back
 exactly the planned rows (no departure seen on lognormal lengths up to 100k examples); unshuffled batches keep dataset
 order, where next-fit now and then moves an example across a row boundary without changing the number of rows.
+With parts, an example costs a row only the parts the row does not hold yet. A row's cost can only shrink when examples
+leave it, so the argument above still holds: next-fit never makes more rows than were planned from the examples' or
+the units' full lengths.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from bisect import bisect_left, insort
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from fractions import Fraction
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from torch.utils.data import Sampler
@@ -33,7 +41,40 @@ __all__ = [
     "next_fit",
     "pack_rows",
     "packing_statistics",
+    "prompt_units",
+    "row_tokens",
 ]
+
+Part: TypeAlias = tuple[Hashable, int]
+# An example's size: its length in tokens, or its parts (a part laid out once per row, however many examples hold it).
+Size: TypeAlias = int | Sequence[Part]
+
+
+class _Own:
+    """The key of an example given as a plain length: a part no other example has."""
+
+    __slots__ = ("position",)
+
+    def __init__(self, position: int) -> None:
+        self.position = position
+
+
+def _parts(size: Size, position: int) -> dict[Hashable, int]:
+    if isinstance(size, int):
+        return {_Own(position): size}
+    return dict(size)
+
+
+def row_tokens(sizes: Sequence[Size]) -> int:
+    """Tokens a row of these examples takes: every distinct part once.
+
+    >>> row_tokens([[("prompt", 5), ("a", 2), ("b", 3)], [("prompt", 5), ("a", 2), ("c", 1)], 4])
+    15
+    """
+    held: dict[Hashable, int] = {}
+    for position, size in enumerate(sizes):
+        held.update(_parts(size, position))
+    return sum(held.values())
 
 
 def _checked_lengths(lengths: Sequence[int], capacity: int) -> list[int]:
@@ -117,24 +158,95 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return _best_fit(_by_decreasing_length(range(len(values)), values), values, capacity)
 
 
-def next_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+def next_fit(
+    lengths: Sequence[Size],
+    capacity: int,
+    prompts: Sequence[Hashable] | None = None,
+    max_rows: int | None = None,
+) -> list[list[int]]:
     """Split positions ``0..n-1`` of ``lengths`` into consecutive rows, a new one when the next example does not fit.
 
-    This is what the collator does with a batch; order is kept.
+    This is what the collator does with a batch; order is kept. An example given as parts takes only the parts its row
+    does not hold yet (the second pair of a prompt costs its responses, not the prompt again).
+
+    ``prompts`` (a key per example) keeps runs of consecutive examples of one prompt in one row: a run that does not
+    fit the open row starts a new one when it fits a row, and fills rows in order otherwise. Should that take more
+    than ``max_rows`` rows, the plain rule is used instead, which never takes more rows than a plan that cut the same
+    order into rows that fit (its ``k``-th row ends at or after the plan's ``k``-th).
 
     >>> next_fit([4, 5, 2, 7, 3], capacity=10)
     [[0, 1], [2, 3], [4]]
+    >>> pair = [("p", 4), ("a", 2), ("b", 2)]
+    >>> next_fit([[("q", 1)], pair, [("p", 4), ("a", 2), ("c", 2)]], 10)
+    [[0, 1], [2]]
+    >>> next_fit([[("q", 1)], pair, [("p", 4), ("a", 2), ("c", 2)]], 10, prompts=["q", "p", "p"])
+    [[0], [1, 2]]
     """
-    values = _checked_lengths(lengths, capacity)
+    parts = [_parts(size, position) for position, size in enumerate(lengths)]
+    _checked_lengths([sum(example.values()) for example in parts], capacity)
+    if prompts is not None:
+        runs = [list(run) for _, run in itertools.groupby(range(len(parts)), key=prompts.__getitem__)]
+        rows = _fill_rows(parts, capacity, runs)
+        if max_rows is None or len(rows) <= max_rows:
+            return rows
+    return _fill_rows(parts, capacity, [[position] for position in range(len(parts))])
+
+
+def _fill_rows(parts: list[dict[Hashable, int]], capacity: int, runs: list[list[int]]) -> list[list[int]]:
     rows: list[list[int]] = []
+    held: dict[Hashable, int] = {}
     free = -1  # no row is open yet: anything "does not fit"
-    for position, size in enumerate(values):
-        if size > free:
+
+    def cost(positions: list[int]) -> dict[Hashable, int]:
+        union: dict[Hashable, int] = {}
+        for position in positions:
+            union.update(parts[position])
+        return union
+
+    for run in runs:
+        whole = cost(run)
+        added = sum(tokens for key, tokens in whole.items() if key not in held)
+        if added > free and sum(whole.values()) <= capacity:
             rows.append([])
-            free = capacity
-        rows[-1].append(position)
-        free -= size
+            held, free, added = {}, capacity, sum(whole.values())
+        if added <= free:
+            rows[-1] += run
+            held.update(whole)
+            free -= added
+            continue
+        for position in run:  # a run longer than a row: example by example
+            added = sum(tokens for key, tokens in parts[position].items() if key not in held)
+            if added > free:
+                rows.append([])
+                held, free, added = {}, capacity, sum(parts[position].values())
+            rows[-1].append(position)
+            held.update(parts[position])
+            free -= added
     return rows
+
+
+def prompt_units(prompts: Sequence[Hashable], lengths: Sequence[Size], capacity: int) -> list[list[int]]:
+    """The pairs of each prompt, as units a batch sampler keeps together; a group that does not fit is split.
+
+    ``prompts[i]`` identifies example ``i``'s prompt (equal for equal prompt tokens). Groups come in order of their
+    first pair; a group's pairs stay in dataset order. The split rule: a group whose pairs do not fit ``capacity`` is
+    cut by :func:`next_fit` over its pairs in dataset order, into consecutive chunks that each take as many pairs as
+    fit (so every chunk but the last is full). ``lengths`` and ``capacity`` are in tokens for packed rows (given as
+    parts, so that a chunk's prompt counts once), or in pairs for unpacked batches (every size 1, ``capacity`` the
+    batch size).
+
+    >>> prompt_units(["a", "b", "a", "a"], [1, 1, 1, 1], capacity=2)
+    [[0, 2], [3], [1]]
+    """
+    if len(prompts) != len(lengths):
+        raise ValueError(f"{len(prompts)} prompt keys for {len(lengths)} examples")
+    groups: dict[Hashable, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        groups.setdefault(prompt, []).append(index)
+    units: list[list[int]] = []
+    for members in groups.values():
+        units += [[members[p] for p in chunk] for chunk in next_fit([lengths[i] for i in members], capacity)]
+    return units
 
 
 def packing_statistics(
@@ -239,6 +351,14 @@ class PackedBatchSampler(Sampler[list[int]]):
     Not rank-aware: give it the number of processes and let accelerate deal the batches out (batch ``i`` to process
     ``i % num_processes``). ``len(self)`` is fixed at construction and is a multiple of ``num_processes``.
 
+    ``lengths`` gives each example's length, or its parts (see the module docstring). ``prompts`` (a key per example,
+    ``--group_by_prompt``) keeps the examples of one prompt together: they become units (:func:`prompt_units`, which
+    also says how a group larger than a row is split), and everything below that speaks of examples is done with
+    units, a unit's length being the tokens its examples take together in a row. Should the processes need more
+    batches than there are units (40 groups that each fill a batch, on 3 processes, need 42 batches), the unit with
+    the most examples is cut in two halves, in order, until there are enough; ``self.units`` holds the units used.
+    A unit's examples are yielded one after the other, so that the collator's :func:`next_fit` keeps them in one row.
+
     Every epoch (deterministic for ``seed + epoch``) the examples are shuffled, packed by best-fit decreasing within
     windows of ``window_size`` shuffled examples (so that which examples share a row changes from epoch to epoch),
     the least-full rows are repacked together across windows, and the rows are shuffled and grouped into batches.
@@ -267,11 +387,14 @@ class PackedBatchSampler(Sampler[list[int]]):
 
         sampler = PackedBatchSampler([6, 4, 5, 5, 3, 9, 2], capacity=10, num_processes=2, shuffle=False)
         list(sampler)  # [[0, 1], [2, 3], [4, 6], [5]]: 4 batches, process 0 takes the 1st and 3rd
+
+    Batches of whole groups without packing are the same plan with every pair of size 1 and ``capacity`` the batch
+    size: a "row" is then a batch of up to ``capacity`` pairs (``rows_per_batch=1``).
     """
 
     def __init__(
         self,
-        lengths: Sequence[int],
+        lengths: Sequence[Size],
         capacity: int,
         rows_per_batch: int = 1,
         num_processes: int = 1,
@@ -279,6 +402,7 @@ class PackedBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         drop_last: bool = False,
         window_size: int = 4096,
+        prompts: Sequence[Hashable] | None = None,
     ) -> None:
         super().__init__()
         if rows_per_batch < 1 or num_processes < 1 or window_size < 1:
@@ -286,7 +410,8 @@ class PackedBatchSampler(Sampler[list[int]]):
                 f"rows_per_batch ({rows_per_batch}), num_processes ({num_processes}) and window_size ({window_size}) "
                 "must be positive"
             )
-        self.lengths = _checked_lengths(lengths, capacity)
+        self.sizes = list(lengths)
+        self.lengths = _checked_lengths([row_tokens([size]) for size in self.sizes], capacity)
         self.capacity = capacity
         self.rows_per_batch = rows_per_batch
         self.num_processes = num_processes
@@ -298,24 +423,42 @@ class PackedBatchSampler(Sampler[list[int]]):
         # Not `batch_size`: accelerate's BatchSamplerShard reads that attribute and, when it is set, treats shorter
         # batches as incomplete and tops them up with repeated examples.
         self.sampler = _EpochRelay(self)
-
-        self._reference_rows = _best_fit(
-            _by_decreasing_length(range(len(self.lengths)), self.lengths), self.lengths, capacity
-        )
-        num_rows = len(self._reference_rows)
+        self.prompts = None if prompts is None else list(prompts)
+        if self.prompts is None:
+            self.units = [[index] for index in range(len(self.sizes))]
+        else:
+            self.units = prompt_units(self.prompts, self.sizes, capacity)
+        self._unit_word = "example(s)" if prompts is None else "group(s) of pairs of one prompt"
+        self.unit_lengths = [row_tokens([self.sizes[i] for i in unit]) for unit in self.units]
+        while True:
+            self._reference_rows = _best_fit(
+                _by_decreasing_length(range(len(self.units)), self.unit_lengths), self.unit_lengths, capacity
+            )
+            num_rows = len(self._reference_rows)
+            batches = _ceil_div(_ceil_div(num_rows, rows_per_batch), num_processes) * num_processes
+            if drop_last or batches <= len(self.units) or all(len(unit) == 1 for unit in self.units):
+                break
+            # More batches than units (say 40 groups on 3 processes need 42 batches): halve the unit with the most
+            # examples, keeping its order, and plan again.
+            largest = max(range(len(self.units)), key=lambda u: len(self.units[u]))
+            unit = self.units[largest]
+            self.units[largest : largest + 1] = [unit[: -(-len(unit) // 2)], unit[-(-len(unit) // 2) :]]
+            self.unit_lengths[largest : largest + 1] = [
+                row_tokens([self.sizes[i] for i in u]) for u in self.units[largest : largest + 2]
+            ]
         if drop_last:
             self._num_batches = num_rows // rows_per_batch // num_processes * num_processes
             if self._num_batches == 0:
                 raise ValueError(
-                    f"with drop_last=True the {len(self.lengths)} examples pack into {num_rows} row(s), fewer than "
-                    f"rows_per_batch * num_processes = {rows_per_batch * num_processes}: not one full step"
+                    f"with drop_last=True the {len(self.units)} {self._unit_word} pack into {num_rows} row(s), fewer "
+                    f"than rows_per_batch * num_processes = {rows_per_batch * num_processes}: not one full step"
                 )
             self._max_rows = num_rows
         else:
-            self._num_batches = _ceil_div(_ceil_div(num_rows, rows_per_batch), num_processes) * num_processes
-            if self._num_batches > len(self.lengths):
+            self._num_batches = batches
+            if self._num_batches > len(self.units):
                 raise ValueError(
-                    f"{len(self.lengths)} example(s) cannot fill {self._num_batches} batches: each of the "
+                    f"{len(self.units)} {self._unit_word} cannot fill {self._num_batches} batches: each of the "
                     f"{num_processes} processes must take the same number of non-empty batches without repeating "
                     "an example; use fewer processes or more examples, or drop_last=True"
                 )
@@ -340,7 +483,8 @@ class PackedBatchSampler(Sampler[list[int]]):
     def batch_rows(self, epoch: int | None = None) -> list[list[list[int]]]:
         """The batches of ``epoch`` (default: the current one), each a list of rows of dataset indices.
 
-        A batch's rows are exactly what :func:`next_fit` makes of the batch's lengths in the order it is yielded.
+        A batch's rows are exactly what :func:`next_fit` makes of the batch in the order it is yielded (with the
+        prompts, when given, and at most ``rows_per_batch`` rows), as the collator does.
         """
         epoch = self.epoch if epoch is None else epoch
         key = epoch if self.shuffle else 0
@@ -349,9 +493,10 @@ class PackedBatchSampler(Sampler[list[int]]):
         return self._cache[1]
 
     def _plan(self, epoch: int) -> list[list[list[int]]]:
+        # Rows and batches are planned over units (indices into self.units), then spelled out as dataset indices.
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + epoch)
-            order = torch.randperm(len(self.lengths), generator=generator).tolist()
+            order = torch.randperm(len(self.units), generator=generator).tolist()
             rows = self._windowed_rows(order)
             rows = [rows[r] for r in torch.randperm(len(rows), generator=generator).tolist()]
         else:
@@ -364,8 +509,9 @@ class PackedBatchSampler(Sampler[list[int]]):
             start += size
             if self.shuffle:
                 batch = self._ordered_for_next_fit(batch)
-            flat = [index for row in batch for index in row]
-            refit = next_fit([self.lengths[i] for i in flat], self.capacity)
+            flat = [index for row in batch for unit in row for index in self.units[unit]]
+            prompts = None if self.prompts is None else [self.prompts[i] for i in flat]
+            refit = next_fit([self.sizes[i] for i in flat], self.capacity, prompts, self.rows_per_batch)
             batches.append([[flat[p] for p in row] for row in refit])
         return batches
 
@@ -377,7 +523,7 @@ class PackedBatchSampler(Sampler[list[int]]):
         more than the fixed batch count can hold, the windows grow until a single one holds every example, which gives
         exactly the reference row count (best fit is blind to which of two equal lengths comes first).
         """
-        lengths, capacity = self.lengths, self.capacity
+        lengths, capacity = self.unit_lengths, self.capacity
         size = self.window_size
         while True:
             if size >= len(order):
@@ -431,10 +577,10 @@ class PackedBatchSampler(Sampler[list[int]]):
         first: list[int] = []
         second: list[int] = []
         loads = [0, 0]
-        for index in _by_decreasing_length(row, self.lengths):
+        for index in _by_decreasing_length(row, self.unit_lengths):
             side = 0 if loads[0] <= loads[1] else 1
             (first if side == 0 else second).append(index)
-            loads[side] += self.lengths[index]
+            loads[side] += self.unit_lengths[index]
         return first, second
 
     def _batch_sizes(self, num_rows: int) -> list[int]:
@@ -450,6 +596,16 @@ class PackedBatchSampler(Sampler[list[int]]):
     def _ordered_for_next_fit(self, batch: list[list[int]]) -> list[list[int]]:
         # Next-fit leaves the plan only where row b's first example fits in the free space of row a before it: putting
         # the fullest rows first (least free space) and each row's longest example first keeps that from happening.
-        loads = [sum(self.lengths[i] for i in row) for row in batch]
+        loads = [sum(self.unit_lengths[i] for i in row) for row in batch]
         order = sorted(range(len(batch)), key=lambda r: -loads[r])
-        return [_by_decreasing_length(batch[r], self.lengths) for r in order]
+        rows = [_by_decreasing_length(batch[r], self.unit_lengths) for r in order]
+        if self.prompts is not None:
+            # Two units of one prompt (parts of a group larger than a row) must not meet at a row boundary, where
+            # next-fit would take them for one run: start the next row with a unit of another prompt where it has one.
+            prompt_of = [self.prompts[unit[0]] for unit in self.units]
+            for before, row in itertools.pairwise(rows):
+                other = next((u for u in row if prompt_of[u] != prompt_of[before[-1]]), None)
+                if other is not None and prompt_of[row[0]] == prompt_of[before[-1]]:
+                    row.remove(other)
+                    row.insert(0, other)
+        return rows

@@ -1,4 +1,5 @@
-"""TRL's DPOTrainer with prefix sharing: one forward per example over ``prompt | chosen | rejected``.
+"""TRL's DPOTrainer with prefix sharing: one forward per example over ``prompt | chosen | rejected``, and one per
+group of pairs that share a prompt.
 
 Only the computation of per-token log-probabilities changes. The collator adds the shared layout to TRL's standard
 batch; the model's forward (already given TRL's fused LM head) runs the shared layout and hands back its per-token
@@ -6,53 +7,29 @@ outputs in the standard ``[chosen rows; rejected rows]`` layout, so TRL's losses
 """
 
 import copy
-import dataclasses
 import functools
-import itertools
 import types
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-import torch
-from accelerate import Accelerator
 from accelerate.utils import is_peft_model
-from datasets import IterableDataset
-from torch.utils.weak import WeakIdKeyDictionary
 from transformers import PreTrainedModel
-from transformers.trainer_pt_utils import BatchRebalanceSampler
-from transformers.utils import is_torch_bf16_gpu_available
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import FusedCausalLMOutput
 
-from collators import (
-    MASKABLE_BACKENDS,
-    PrefixSharingCollator,
-    attention_mask_for,
-    attention_windows,
-    shared_sequence_length,
-    unsupported_backend_message,
-)
-from flex_compile_watchdog import FlexCompileWatchdog, listen_for_fallbacks
-from packing import PackedBatchSampler, auto_packing_length, packing_statistics
+from collators import PrefixSharingCollator
+from packing import packing_statistics
 from preference_data import check_config, check_datasets_not_empty, finish_tokenized, normalize_schema
+from shared_layout import SharedLayoutArguments, SharedLayoutTrainer, check_shared_layout_model, shared_backbone
 
 PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
 @dataclass
-class PrefixDPOConfig(DPOConfig):
-    """``DPOConfig`` plus prefix sharing, prompt truncation and packing flags.
+class PrefixDPOConfig(SharedLayoutArguments, DPOConfig):
+    """``DPOConfig`` plus the shared-layout flags (``shared_layout.SharedLayoutArguments``) and prompt truncation."""
 
-    ``bf16`` and ``output_dir`` also accept a bare flag (``--bf16``, ``--output_dir`` with no value), as the paper's
-    commands use them. On a machine without a bf16 accelerator, bf16 falls back to float32 with a warning.
-    """
-
-    prefix_sharing: bool = field(
-        default=False,
-        metadata={"help": "Run each example once as `prompt | chosen | rejected` instead of two sequences."},
-    )
     max_prompt_length: int | None = field(
         default=None,
         metadata={
@@ -60,87 +37,25 @@ class PrefixDPOConfig(DPOConfig):
             "tokens, then cut the responses to fit. Must be smaller than `max_length`."
         },
     )
-    enable_packing: bool = field(
-        default=False,
-        metadata={
-            "help": "Pack several examples into each row of `packing_length` tokens; `per_device_train_batch_size` "
-            "then counts rows."
-        },
-    )
-    packing_length: str | None = field(
-        default=None,
-        metadata={
-            "help": "Tokens per packed row: an integer, or `auto` (default): 1.1 x the 95th percentile of the "
-            "example lengths, rounded up to a multiple of 128, times 4, as the paper chose."
-        },
-    )
-    bf16: bool | None = field(
-        default=None,
-        metadata={
-            "help": "bf16 mixed precision (default on when a bf16 accelerator is present).",
-            "nargs": "?",
-            "const": True,
-        },
-    )
-    output_dir: str | None = field(
-        default=None,
-        metadata={"help": "Where checkpoints and the final model go (default: `outputs`).", "nargs": "?"},
-    )
 
     def __post_init__(self):
-        if self.output_dir is None:
-            self.output_dir = "outputs"
-        if self.bf16 is None:
-            self.bf16 = not self.fp16
-        if self.bf16 and not self.use_cpu and not is_torch_bf16_gpu_available():
-            warnings.warn(
-                "bf16 was requested but no bf16-capable accelerator is present: training in float32 instead. "
-                "Pass --use_cpu to force bf16 autocast on the CPU.",
-                stacklevel=3,
-            )
-            self.bf16 = False
+        self.settle_layout_flags()
         check_config(self)
         if self.prefix_sharing and self.truncation_mode != "keep_start":
             raise ValueError(
                 f"--truncation_mode {self.truncation_mode} cuts the prompt differently before each response, so it "
                 "cannot be shared. Use --truncation_mode keep_start with --max_prompt_length."
             )
-        if self.packing_length is not None and not self.enable_packing:
-            raise ValueError("--packing_length is only used with --enable_packing.")
-        if self.enable_packing:
-            self.packing_length = parse_packing_length(self.packing_length)
         super().__post_init__()
-
-
-def parse_packing_length(value: str | int | None) -> str | int:
-    """``auto`` (the default) or a positive number of tokens."""
-    if value is None or str(value).lower() == "auto":
-        return "auto"
-    if isinstance(value, int) or str(value).isdigit():
-        if int(value) > 0:
-            return int(value)
-    raise ValueError(f"--packing_length must be a positive integer or 'auto', got {value!r}.")
-
-
-# A batch's masks, by the identity of its token tensor: the batch itself stays plain data, and its masks go with it.
-_BATCH_MASKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def cached_attention_mask(shared_inputs: dict[str, Any], config, dtype: torch.dtype):
-    """The batch's attention mask, built once: the policy and the reference forward of a step share it."""
-    masks = _BATCH_MASKS.setdefault(shared_inputs["input_ids"], {})
-    key = (config._attn_implementation, dtype, tuple(attention_windows(config).items()))
-    if key not in masks:
-        masks[key] = attention_mask_for(shared_inputs, config, dtype)
-    return masks[key]
 
 
 def add_shared_forward(model: PreTrainedModel) -> None:
     """Lets ``model`` (already given TRL's fused LM head) take a ``shared_inputs`` batch from the collator.
 
     Called with ``shared_inputs``, the forward runs the backbone once on the shared layout, gathers the hidden state
-    that predicts each completion token (``score_index``) and scores them with TRL's fused head. The per-token outputs
-    come back scattered into the standard layout of ``labels``, zero elsewhere, as TRL's fused head returns them.
+    that predicts each completion token (``score_index``, see ``shared_layout.shared_backbone``) and scores them with
+    TRL's fused head. The per-token outputs come back scattered into the standard layout of ``labels``, zero
+    elsewhere, as TRL's fused head returns them.
     """
     if getattr(model, "_has_shared_forward", False):
         return
@@ -164,23 +79,8 @@ def add_shared_forward(model: PreTrainedModel) -> None:
                 "completion tokens: the batch was not built by PrefixSharingCollator from the same examples."
             )
 
-        def gather_scored_states(module, inputs, output):
-            # TRL's fused head reads `last_hidden_state`; handing it only the predicting states (one row, aligned with
-            # `shift_labels`) lets it score exactly the completion tokens, on every device.
-            output.last_hidden_state = output.last_hidden_state.flatten(0, 1)[score_index].unsqueeze(0)
-            return output
-
-        handle = self.base_model.register_forward_hook(gather_scored_states)
-        try:
-            outputs = fused_forward(
-                input_ids=shared_inputs["input_ids"],
-                position_ids=shared_inputs["position_ids"],
-                attention_mask=cached_attention_mask(shared_inputs, self.config, self.dtype),
-                shift_labels=labels[:, 1:][score_mask].unsqueeze(0),
-                **kwargs,
-            )
-        finally:
-            handle.remove()
+        with shared_backbone(self, shared_inputs) as layout:
+            outputs = fused_forward(**layout, shift_labels=labels[:, 1:][score_mask].unsqueeze(0), **kwargs)
         per_token = {
             name: None if value is None else value.new_zeros(score_mask.shape).masked_scatter(score_mask, value[0])
             for name in PER_TOKEN_FIELDS
@@ -192,57 +92,9 @@ def add_shared_forward(model: PreTrainedModel) -> None:
     model._has_shared_forward = True
 
 
-def _attention_backend(model: Any, args: DPOConfig) -> str | None:
-    if isinstance(model, str):
-        return (args.model_init_kwargs or {}).get("attn_implementation")
-    return model.config._attn_implementation
-
-
-def _fall_back_from_flex(model: Any, args: DPOConfig) -> None:
-    if isinstance(model, str):
-        args.model_init_kwargs = {**(args.model_init_kwargs or {}), "attn_implementation": "sdpa"}
-    else:
-        model.set_attn_implementation("sdpa")
-
-
-def gather_uneven(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
-    """``accelerator.gather`` for tensors whose first dimension differs between processes (padded, then trimmed)."""
-    gather = type(accelerator).gather
-    if tensor.ndim == 0 or accelerator.num_processes == 1:
-        return gather(accelerator, tensor)
-    sizes = gather(accelerator, torch.tensor([len(tensor)], device=tensor.device)).tolist()
-    padded = gather(accelerator, accelerator.pad_across_processes(tensor, dim=0))
-    width = max(sizes)
-    return torch.cat([padded[rank * width : rank * width + size] for rank, size in enumerate(sizes)])
-
-
-class RankBatches(BatchRebalanceSampler):
-    """One process's share of a :class:`PackedBatchSampler`: batches ``rank, rank + W, rank + 2W, ...``.
-
-    Subclassing ``BatchRebalanceSampler`` is how ``Trainer`` recognises a rank-aware batch sampler: it passes it as
-    ``batch_sampler`` and keeps accelerate from sharding it a second time. None of its parent's logic is used.
-    """
-
-    def __init__(self, batches: PackedBatchSampler, num_processes: int, process_index: int):
-        self.batches = batches
-        self.num_processes = num_processes
-        self.process_index = process_index
-        # accelerate's DataLoaderShard.set_epoch reaches a batch sampler's epoch through its `sampler` attribute.
-        self.sampler = batches
-
-    def set_epoch(self, epoch: int) -> None:
-        self.batches.set_epoch(epoch)
-
-    def __iter__(self):
-        return itertools.islice(iter(self.batches), self.process_index, None, self.num_processes)
-
-    def __len__(self) -> int:
-        return len(self.batches) // self.num_processes
-
-
-class PrefixDPOTrainer(DPOTrainer):
-    """``DPOTrainer`` that computes per-token log-probs from one forward per example (``prefix_sharing``) and/or
-    over packed rows (``enable_packing``).
+class PrefixDPOTrainer(SharedLayoutTrainer, DPOTrainer):
+    """``DPOTrainer`` that computes per-token log-probs from one forward per example or group of pairs of one prompt
+    (``prefix_sharing``), and/or over packed rows (``enable_packing``).
 
     With both off it is TRL's trainer, plus the token counters it logs and the shared truncation rule
     (``max_prompt_length``). Policy, reference model, ``precompute_ref_log_probs`` and evaluation all use the same
@@ -250,55 +102,20 @@ class PrefixDPOTrainer(DPOTrainer):
     """
 
     _tag_names = ["trl", "dpo", "prefix-sharing"]
+    standard_tokens_metric = "tokens/standard_dpo"
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, *more_args, **kwargs):
-        self.tokens_computed = 0
-        self.tokens_standard = 0
-        self.examples_trained = 0
         check_datasets_not_empty(*more_args, **kwargs)
-        if args is not None:
-            self._check_attention_backend(model, ref_model, args)
-        listen_for_fallbacks()  # before TRL's __init__, which may already run the reference forward (precompute)
+        self._start_shared_layout([model, ref_model], args)
         super().__init__(model, ref_model, args, *more_args, **kwargs)
-        self._use_shared_layout()
-        self.compile_watchdog = FlexCompileWatchdog()
-        self.add_callback(self.compile_watchdog)
-        if self.packs and self.accelerator.num_processes > 1:
-            # Packed batches hold a different number of examples on each process, and TRL gathers its per-example
-            # metrics (rewards, log-probs) with `accelerator.gather`, which needs the same shape on every process.
-            self.accelerator.gather = functools.partial(gather_uneven, self.accelerator)
-
-    @property
-    def shares_prefix(self) -> bool:
-        return bool(getattr(self.args, "prefix_sharing", False))
-
-    @property
-    def packs(self) -> bool:
-        return bool(getattr(self.args, "enable_packing", False))
-
-    @staticmethod
-    def _check_attention_backend(model: Any, ref_model: PreTrainedModel | None, args: DPOConfig) -> None:
-        backend = _attention_backend(model, args)
-        custom_mask = getattr(args, "prefix_sharing", False) or getattr(args, "enable_packing", False)
-        if backend == "flex_attention" and not torch.cuda.is_available():
-            warnings.warn(
-                "flex_attention has no backward pass without CUDA: running sdpa with a dense attention mask instead.",
-                stacklevel=3,
-            )
-            _fall_back_from_flex(model, args)
-            if ref_model is not None:
-                _fall_back_from_flex(ref_model, args)
-        elif custom_mask and backend is not None and backend not in MASKABLE_BACKENDS:
-            raise ValueError(unsupported_backend_message(backend))
+        self._finish_shared_layout()
 
     def _use_shared_layout(self) -> None:
         """Installs the shared forward on the policy and reference model and extends TRL's collator (idempotent)."""
         if not (self.shares_prefix or self.packs):
             return
         config = self.model.config
-        if config._attn_implementation not in MASKABLE_BACKENDS:
-            raise ValueError(unsupported_backend_message(config._attn_implementation))
-        attention_windows(config)  # raises, naming the model type, for attention that a mask cannot express
+        check_shared_layout_model(config)
         if self.aux_loss_enabled:
             raise ValueError(
                 f"{config.model_type} adds a router load-balancing loss computed over a padding mask, which the "
@@ -308,108 +125,11 @@ class PrefixDPOTrainer(DPOTrainer):
         add_shared_forward(self.model.get_base_model() if is_peft_model(self.model) else self.model)
         if self.ref_model is not None:
             add_shared_forward(self.accelerator.unwrap_model(self.ref_model))
-        collator = self.data_collator
-        if isinstance(collator, PrefixSharingCollator):
-            return
-        if type(collator) is not DataCollatorForPreference:
-            raise ValueError(
-                f"--prefix_sharing and --enable_packing need a PrefixSharingCollator; got a custom "
-                f"{type(collator).__name__}. Leave `data_collator` unset."
-            )
-        packing_length = self._resolve_packing_length() if self.packs else None
-        # FlexAttention compiles once per shape: bucket unpacked rows to bound the number of shapes.
-        bucket = 128 if config._attn_implementation == "flex_attention" else collator.pad_to_multiple_of
-        self.data_collator = PrefixSharingCollator(
-            pad_token_id=collator.pad_token_id,
-            max_length=collator.max_length,
-            truncation_mode=collator.truncation_mode,
-            pad_to_multiple_of=collator.pad_to_multiple_of,
-            shared_pad_to_multiple_of=bucket,
-            packing_length=packing_length,
-            share_prompt=self.shares_prefix,
-        )
+        self._replace_collator(DataCollatorForPreference, PrefixSharingCollator)
 
-    def _example_lengths(self, dataset) -> list[int]:
-        """Tokens each example takes in the shared layout (prompt counted once with prefix sharing, else twice)."""
+    def _layout_examples(self, dataset) -> list[dict[str, Sequence[int]]]:
         columns = zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
-        return [
-            shared_sequence_length({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}, self.shares_prefix)
-            for p, c, r in columns
-        ]
-
-    def _resolve_packing_length(self) -> int:
-        if isinstance(self.train_dataset, IterableDataset):
-            raise ValueError(
-                "--enable_packing plans each epoch's rows from every example's length, which a streamed dataset "
-                "does not give up front. Drop --dataset_streaming or --enable_packing."
-            )
-        lengths = self._example_lengths(self.train_dataset)
-        if self.args.packing_length == "auto":
-            self.args.packing_length, stats = auto_packing_length(lengths)
-            self.accelerator.print(
-                f"--packing_length auto: {self.args.packing_length} tokens per row (1.1 x the 95th percentile "
-                f"{stats['p95']:.0f} of the example lengths, median {stats['median']:.0f}, rounded up to 128, x 4); "
-                f"{stats['mean_examples_per_row']:.2f} examples per row, {stats['packing_efficiency']:.1%} of tokens "
-                "are not padding."
-            )
-        datasets = {"train": self.train_dataset}
-        if isinstance(self.eval_dataset, dict):
-            datasets.update(self.eval_dataset)
-        elif self.eval_dataset is not None:
-            datasets["eval"] = self.eval_dataset
-        for name, dataset in datasets.items():
-            lengths = self._example_lengths(dataset)
-            longest = max(range(len(lengths)), key=lengths.__getitem__)
-            if lengths[longest] > self.args.packing_length:
-                raise ValueError(
-                    f"Example {longest} of the {name} dataset takes {lengths[longest]} tokens, more than "
-                    f"--packing_length {self.args.packing_length}. The smallest packing length that fits every "
-                    f"example is {lengths[longest]}; or lower --max_length to truncate examples."
-                )
-        return self.args.packing_length
-
-    def _packed_batches(self, dataset, rows_per_batch: int, shuffle: bool) -> RankBatches:
-        batches = PackedBatchSampler(
-            self._example_lengths(dataset),
-            self.args.packing_length,
-            rows_per_batch=rows_per_batch,
-            num_processes=self.args.world_size,
-            shuffle=shuffle,
-            seed=self.args.seed,
-        )
-        return RankBatches(batches, self.args.world_size, self.args.process_index)
-
-    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
-        dataloader = super().get_train_dataloader()
-        batches = getattr(dataloader.batch_sampler, "batch_sampler", dataloader.batch_sampler)
-        if isinstance(batches, RankBatches) and hasattr(dataloader, "set_sampler"):
-            # On a mid-epoch resume, accelerate's skip_first_batches rebuilds the loader, and on several processes its
-            # set_epoch only reaches a sampler the BatchSamplerShard exposes as `sampler`: accelerate sets it for its
-            # own seeded sampler, we do for ours. Without it the resumed epoch replays epoch 0's batches.
-            dataloader.set_sampler(batches.sampler)
-        return dataloader
-
-    def _get_dataloader(self, dataset, description, batch_size, *args, **kwargs):
-        collator = self.data_collator
-        if not isinstance(collator, PrefixSharingCollator):
-            return super()._get_dataloader(dataset, description, batch_size, *args, **kwargs)
-        # Every batch of this loader gets `batch_size` rows, the short last one too: compiled attention then sees one
-        # row count per loader instead of compiling again for the last batch.
-        self.data_collator = dataclasses.replace(collator, batch_rows=batch_size)
-        try:
-            return super()._get_dataloader(dataset, description, batch_size, *args, **kwargs)
-        finally:
-            self.data_collator = collator
-
-    def _get_train_sampler(self, train_dataset=None):
-        if not self.packs:
-            return super()._get_train_sampler(train_dataset)
-        return self._packed_batches(train_dataset or self.train_dataset, self.args.per_device_train_batch_size, True)
-
-    def _get_eval_sampler(self, eval_dataset):
-        if not self.packs:
-            return super()._get_eval_sampler(eval_dataset)
-        return self._packed_batches(eval_dataset, self.args.per_device_eval_batch_size, False)
+        return [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in columns]
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         dataset = normalize_schema(dataset, dataset_name, args)
@@ -433,35 +153,3 @@ class PrefixDPOTrainer(DPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._count_tokens(inputs)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    def _count_tokens(self, inputs: dict[str, Any]) -> None:
-        """Logs the tokens this step's forward computed beside those standard DPO would compute, and packing."""
-        standard = inputs["attention_mask"].sum()
-        shared = inputs.get("shared_inputs")
-        if shared is None:
-            computed, positions, rows = standard, inputs["attention_mask"].numel(), inputs["attention_mask"].shape[0]
-        else:
-            computed, positions, rows = (
-                (shared["sequence_ids"] >= 0).sum(),
-                shared["sequence_ids"].numel(),
-                len(shared["sequence_ids"]),
-            )
-        examples = inputs["attention_mask"].shape[0] // 2
-        counts = torch.stack(
-            [torch.as_tensor(x, device=standard.device) for x in (computed, standard, positions, rows, examples)]
-        )
-        computed, standard, positions, rows, examples = (
-            self.accelerator.gather_for_metrics(counts[None]).sum(0).tolist()
-        )
-        mode = "train" if self.model.training else "eval"
-        metrics = self._metrics[mode]
-        metrics["tokens/computed"].append(computed)
-        metrics["tokens/standard_dpo"].append(standard)
-        metrics["tokens/saved_share"].append(1 - computed / standard if standard else 0.0)
-        if self.packs:
-            metrics["packing/efficiency"].append(computed / positions)
-            metrics["packing/examples_per_row"].append(examples / rows)
-        if mode == "train":
-            self.tokens_computed += computed
-            self.tokens_standard += standard
-            self.examples_trained += examples

@@ -114,9 +114,10 @@ def draw(out: Path, single: Sequence[int], packed: Sequence[Sequence[int]], pack
     import matplotlib.patches as mpatches
     import matplotlib.pyplot as plt
 
-    one = build_shared_inputs([[example(*single)]], pad_token_id=0)
+    one = build_shared_inputs([example(*single)], [[0]], pad_token_id=0)
     row = build_shared_inputs(
-        [[example(*sizes, first_id=100 * (i + 1)) for i, sizes in enumerate(packed)]],
+        [example(*sizes, first_id=100 * (i + 1)) for i, sizes in enumerate(packed)],
+        [list(range(len(packed)))],
         pad_token_id=0,
         length=packing_length,
     )

@@ -1,14 +1,17 @@
 """Length profile of a preference dataset as the trainer tokenizes it, and what prefix sharing can save on it.
 
     python benchmark/dataset_stats.py                                     # the embedded demo dataset
+    python benchmark/dataset_stats.py --responses_per_prompt 4            # embedded, 4 responses per prompt, all pairs
     python benchmark/dataset_stats.py --dataset_name data.jsonl --tokenizer path/to/model
     python benchmark/dataset_stats.py --dataset_name argilla/distilabel-capybara-dpo-7k-binarized \\
         --tokenizer mistralai/Mistral-7B-Instruct-v0.1 --max_length 2842 --max_prompt_length 2180
 
 Prints the paper's Table 1 numbers, read as: overall = prompt + chosen + rejected tokens, ratio = prompt /
 mean(chosen, rejected) tokens, both per example (medians over the dataset); the token-count bound of the prefix-sharing
-speedup (tokens standard DPO runs / tokens prefix sharing runs, padding excluded); and the packing length that
-``--packing_length auto`` would choose.
+speedup (tokens standard DPO runs / tokens prefix sharing runs, padding excluded); the packing length that
+``--packing_length auto`` would choose; and how many pairs share a prompt (the same prompt tokens), with the grouped
+bound: every prompt once and every distinct response of its pairs once, as ``--group_by_prompt`` runs them when a
+prompt's pairs fit one batch (or packed row).
 
 The tokens are the trainer's own: the dataset goes through ``PrefixDPOTrainer``'s preparation (Capybara schema
 normalization, TRL's prompt extraction, chat template and EOS handling, tokenization, then our truncation to
@@ -144,6 +147,57 @@ def shape_statistics(prompt: list[int], chosen: list[int], rejected: list[int], 
     }
 
 
+def group_statistics(
+    prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]]
+) -> dict[str, Any]:
+    """How many pairs share a prompt (identical prompt tokens), and the tokens groups of one prompt run.
+
+    ``tokens_grouped`` counts every distinct prompt once and every distinct response of its pairs once;
+    ``tokens_pairwise`` and ``tokens_standard_dpo`` are prefix sharing's and standard DPO's counts.
+    """
+    groups: dict[tuple[int, ...], dict[str, Any]] = {}
+    for prompt, *responses in zip(prompts, chosen, rejected, strict=True):
+        group = groups.setdefault(tuple(prompt), {"pairs": 0, "responses": set()})
+        group["pairs"] += 1
+        group["responses"].update(tuple(response) for response in responses)
+    sizes = [group["pairs"] for group in groups.values()]
+    grouped = sum(len(prompt) + sum(map(len, group["responses"])) for prompt, group in groups.items())
+    pairwise = sum(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected, strict=True))
+    standard = pairwise + sum(map(len, prompts))
+    return {
+        "pairs": len(prompts),
+        "prompts": len(groups),
+        "pairs_sharing_a_prompt": sum(size for size in sizes if size > 1),
+        "prompts_with_several_pairs": sum(size > 1 for size in sizes),
+        "pairs_per_prompt": {"median": statistics.median(sizes), "mean": statistics.fmean(sizes), "max": max(sizes)},
+        "distinct_responses": sum(len(group["responses"]) for group in groups.values()),
+        "tokens_standard_dpo": standard,
+        "tokens_pairwise": pairwise,
+        "tokens_grouped": grouped,
+        "grouped_bound": standard / grouped,
+        "grouped_over_pairwise": pairwise / grouped,
+    }
+
+
+def group_report(groups: dict[str, Any]) -> str:
+    per_prompt = groups["pairs_per_prompt"]
+    return "\n".join(
+        [
+            "pairs that share a prompt (the same prompt tokens):",
+            f"  pairs / distinct prompts:            {groups['pairs']:,} / {groups['prompts']:,} "
+            f"(pairs per prompt: median {per_prompt['median']:g}, mean {per_prompt['mean']:.2f}, "
+            f"max {per_prompt['max']})",
+            f"  pairs sharing their prompt:          {groups['pairs_sharing_a_prompt']:,} "
+            f"({groups['pairs_sharing_a_prompt'] / groups['pairs']:.1%}), over "
+            f"{groups['prompts_with_several_pairs']:,} prompts; {groups['distinct_responses']:,} distinct responses",
+            "  grouped bound (each prompt once, each distinct response once; --group_by_prompt):",
+            f"    tokens grouped:                    {groups['tokens_grouped']:,}",
+            f"    bound over standard DPO:           {groups['grouped_bound']:.3f}x",
+            f"    bound over pairwise sharing:       {groups['grouped_over_pairwise']:.3f}x",
+        ]
+    )
+
+
 def report(name: str, stats: dict[str, Any], dropped: int) -> str:
     rows = [
         f"dataset: {name}",
@@ -189,6 +243,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", default="train")
     parser.add_argument("--tokenizer", help="model name or path whose tokenizer to use (default: the embedded one)")
     parser.add_argument("--num_examples", type=int, help="only the first N examples of the split")
+    parser.add_argument(
+        "--responses_per_prompt",
+        type=int,
+        help="without --dataset_name: embedded data with this many responses per prompt and all their pairs",
+    )
     parser.add_argument("--max_length", type=int, help="truncate as the trainer would with --max_length")
     parser.add_argument("--max_prompt_length", type=int, help="... and --max_prompt_length")
     parser.add_argument("--packing_factor", type=int, default=4, help="examples per row in the auto rule (paper: 4)")
@@ -208,7 +267,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     datasets.disable_progress_bars()
     transformers_logging.set_verbosity_error()
     script_args = ScriptArguments(dataset_name=args.dataset_name, dataset_config=args.dataset_config)
-    loaded = load_preference_dataset(script_args)
+    if args.responses_per_prompt is not None and args.dataset_name is not None:
+        raise SystemExit("--responses_per_prompt builds embedded data: drop it, or --dataset_name")
+    if args.responses_per_prompt is not None:
+        from datasets import DatasetDict
+
+        from embedded import make_grouped_preference_dataset
+
+        loaded = DatasetDict(train=make_grouped_preference_dataset(64, args.responses_per_prompt))
+    else:
+        loaded = load_preference_dataset(script_args)
     if args.split not in loaded:
         raise SystemExit(f"no split {args.split!r} in the dataset; it has {list(loaded)}")
     dataset = loaded[args.split]
@@ -216,9 +284,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         dataset = dataset.select(range(min(args.num_examples, len(dataset))))
     tokenizer = load_tokenizer(args.tokenizer)
     prepared = prepare(dataset, tokenizer, args)
-    lengths = [[len(ids) for ids in prepared[column]] for column in ("prompt_ids", "chosen_ids", "rejected_ids")]
-    stats = shape_statistics(*lengths, packing_factor=args.packing_factor)
-    print(report(args.dataset_name or "embedded demo dataset", stats, len(dataset) - len(prepared)))
+    columns = [prepared[column] for column in ("prompt_ids", "chosen_ids", "rejected_ids")]
+    stats = shape_statistics(*[[len(ids) for ids in column] for column in columns], packing_factor=args.packing_factor)
+    stats["groups"] = group_statistics(*columns)
+    name = args.dataset_name or "embedded demo dataset"
+    if args.responses_per_prompt is not None:
+        name = f"embedded data, {args.responses_per_prompt} responses per prompt and all their pairs"
+    print(report(name, stats, len(dataset) - len(prepared)))
+    print("\n" + group_report(stats["groups"]))
     if args.json is not None:
         args.json.write_text(json.dumps(stats, indent=2))
     return stats

@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from embedded import load_tokenizer, make_preference_dataset  # noqa: E402
 from packing import PackedBatchSampler  # noqa: E402
-from prefix_dpo_trainer import PrefixDPOConfig, PrefixDPOTrainer, RankBatches  # noqa: E402
+from prefix_dpo_trainer import PrefixDPOConfig, PrefixDPOTrainer  # noqa: E402
+from shared_layout import RankBatches  # noqa: E402
 
 NUM_EXAMPLES = 16
 PACKING_LENGTH = 144

@@ -72,11 +72,13 @@ def make_trainers(
     prefix_sharing: bool = True,
     packing_length: int | None = None,
     ours_attn_implementation: str | None = None,
+    group_by_prompt: bool = False,
     **config: Any,
 ) -> tuple[DPOTrainer, PrefixDPOTrainer]:
     """``reference``: "model" (an explicit reference model), "precompute" (precomputed reference log-probs) or
     "path" (policy given as a path: TRL loads the reference from it). ``packing_length`` packs our side, and
-    ``ours_attn_implementation`` gives our side another attention backend than TRL's (flex_attention on a GPU)."""
+    ``group_by_prompt`` batches its pairs by prompt; ``ours_attn_implementation`` gives our side another attention
+    backend than TRL's (flex_attention on a GPU)."""
     packing = {} if packing_length is None else {"enable_packing": True, "packing_length": str(packing_length)}
     overrides = {"initializer_range": CONTEXT_SENSITIVE_INIT, **(model_overrides or {})}
     policy = tiny_model(model_type, seed=0, **overrides)
@@ -97,7 +99,11 @@ def make_trainers(
     trainers = []
     for trainer_cls, config_cls, extra in (
         (DPOTrainer, DPOConfig, {}),
-        (PrefixDPOTrainer, PrefixDPOConfig, {"prefix_sharing": prefix_sharing, **packing}),
+        (
+            PrefixDPOTrainer,
+            PrefixDPOConfig,
+            {"prefix_sharing": prefix_sharing, "group_by_prompt": group_by_prompt, **packing},
+        ),
     ):
         output_dir = str(tmp_path / trainer_cls.__name__) if tmp_path is not None else "/tmp/prefix-dpo-tests"
         args = config_cls(output_dir=output_dir, **common, **extra)

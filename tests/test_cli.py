@@ -10,8 +10,10 @@ from datasets import Dataset
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 import train_dpo
+import train_reward
 from embedded import make_preference_dataset, write_local_stand_ins
 from prefix_dpo_trainer import PrefixDPOConfig, PrefixDPOTrainer
+from prefix_reward_trainer import PrefixRewardConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SEED_COMMAND = (
@@ -133,3 +135,46 @@ def test_config_file(tmp_path):
         384,
         4096,
     )
+
+
+def test_reward_embedded_demo(tmp_path, capsys):
+    """`python train_reward.py` with no arguments runs its DEMO_ARGS: the embedded model with a score head, trained on
+    embedded data with 4 responses per prompt, prefix sharing and --group_by_prompt."""
+    parser = TrlParser((ScriptArguments, PrefixRewardConfig, ModelConfig))
+    script_args, training_args, model_args = parser.parse_args_and_config(
+        args=[*train_reward.DEMO_ARGS, "--output_dir", str(tmp_path), "--max_steps", "2", "--eval_strategy", "no"]
+    )
+    assert training_args.prefix_sharing and training_args.group_by_prompt and model_args.model_name_or_path is None
+    train_reward.main(script_args, training_args, model_args)
+    summary = capsys.readouterr().out
+    assert "prefix sharing:                        on, grouped by prompt" in summary
+    assert "% saved" in summary
+    assert (tmp_path / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--group_by_prompt"], "--group_by_prompt batches the pairs of one prompt together.*--prefix_sharing"),
+        (["--packing_length", "512"], "--packing_length is only used with --enable_packing"),
+    ],
+)
+def test_reward_flags_are_checked(argv, message):
+    with pytest.raises(ValueError, match=message):
+        TrlParser((ScriptArguments, PrefixRewardConfig, ModelConfig)).parse_args_and_config(args=argv)
+
+
+def test_group_by_prompt_on_a_streamed_dataset_is_a_clear_error(tmp_path):
+    from embedded import load_tokenizer, tiny_model
+
+    args = PrefixDPOConfig(
+        output_dir=str(tmp_path), bf16=False, report_to="none", max_steps=1, prefix_sharing=True, group_by_prompt=True
+    )
+    with pytest.raises(ValueError, match="--group_by_prompt plans each epoch's batches from every example's prompt"):
+        PrefixDPOTrainer(
+            model=tiny_model("llama"),
+            ref_model=tiny_model("llama"),
+            args=args,
+            train_dataset=make_preference_dataset(4, conversational=False).to_iterable_dataset(),
+            processing_class=load_tokenizer(),
+        )

@@ -9,7 +9,7 @@ from test_packing import packing_length_for
 
 import flex_compile_watchdog
 from collators import PrefixSharingCollator, block_mask
-from prefix_dpo_trainer import cached_attention_mask
+from shared_layout import cached_attention_mask
 
 
 @pytest.fixture
@@ -38,7 +38,9 @@ def test_packed_batches_have_one_shape_short_last_batch_included(tmp_path):
 
 
 def test_short_unpacked_batch_is_padded_with_empty_rows(tmp_path):
-    dataset = Dataset.from_list(plain_text_rows() + plain_text_rows()[:2])  # 6 examples, batches of 4 and 2
+    # 6 examples with 6 distinct prompts (pairs of one prompt would share a row), batches of 4 and 2.
+    again = [{**row, "prompt": "Once more. " + row["prompt"]} for row in plain_text_rows()[:2]]
+    dataset = Dataset.from_list(plain_text_rows() + again)
     _, ours = make_trainers(dataset, tmp_path=tmp_path)
     ours.args.per_device_train_batch_size = ours._train_batch_size = 4
     batches = list(ours.get_train_dataloader())
@@ -126,3 +128,16 @@ def test_watchdog_warns_past_the_budget(fresh_compiler, fresh_warnings, monkeypa
     with pytest.warns(RuntimeWarning, match=r"flex_attention has been compiled 1 times in this process, past"):
         ours.compile_watchdog.on_step_end(ours.args, ours.state, ours.control)
     assert ours.compile_watchdog.counts["flex_attention"] == 1
+
+
+def test_grouped_unpacked_batch_is_padded_to_a_power_of_two_of_its_rows():
+    """Pairs of one prompt share a row: padding to the loader's batch size in pairs would be mostly empty rows."""
+    example = {"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [3, 4]}
+    others = [{**example, "prompt_ids": [5, 6, n]} for n in (10, 11)]
+    collator = PrefixSharingCollator(pad_token_id=0, batch_rows=8)
+    shapes = [
+        collator(examples)["shared_inputs"]["input_ids"].shape[0]
+        for examples in ([example] * 8, [example] * 6 + others[:1], [example] * 5 + others)
+    ]
+    assert shapes == [1, 2, 4]
+    assert collator([example, *others])["shared_inputs"]["input_ids"].shape[0] == 8  # no pairs share a prompt

@@ -103,7 +103,7 @@ def test_all_padding_row_stays_finite(attn_implementation: str, dtype: torch.dty
     model.to(dtype).train()
     add_fused_lm_head(model)
     example = {"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10]}
-    shared = build_shared_inputs([[example], []], pad_token_id=0, pad_to_multiple_of=128)
+    shared = build_shared_inputs([example], [[0]], pad_token_id=0, pad_to_multiple_of=128, num_rows=2)
     assert (shared["sequence_ids"][1] < 0).all()
     mask = attention_mask_for(shared, model.config, dtype)
     hidden = model.model(input_ids=shared["input_ids"], position_ids=shared["position_ids"], attention_mask=mask)

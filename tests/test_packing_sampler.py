@@ -1,5 +1,6 @@
 """Tests for packing.py: bin packing, next-fit, the packed batch sampler (also through accelerate), the length rule."""
 
+import itertools
 import math
 
 import pytest
@@ -9,7 +10,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from packing import PackedBatchSampler, auto_packing_length, next_fit, pack_rows, packing_statistics
+from packing import (
+    PackedBatchSampler,
+    auto_packing_length,
+    next_fit,
+    pack_rows,
+    packing_statistics,
+    prompt_units,
+    row_tokens,
+)
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -262,3 +271,137 @@ def test_packing_statistics() -> None:
         "padding_share": 1 - 23 / 30,
     }
     assert packing_statistics([], capacity=10)["num_rows"] == 0
+
+
+# --- parts and units: pairs of one prompt share it (--group_by_prompt) ----------------------------------------------
+
+
+@st.composite
+def grouped_pairs(draw: st.DrawFn, max_pairs: int = 40) -> tuple[list[int], list[list[tuple]]]:
+    """Prompt keys and parts of pairs drawn from a few prompts, each with a few responses that pairs repeat."""
+    prompts = draw(st.lists(st.integers(1, 12), min_size=1, max_size=6), label="prompt lengths")
+    responses = draw(st.lists(st.integers(1, 6), min_size=2, max_size=5), label="response lengths")
+    keys, sizes = [], []
+    for _ in range(draw(st.integers(1, max_pairs), label="pairs")):
+        prompt = draw(st.integers(0, len(prompts) - 1))
+        chosen, rejected = draw(st.lists(st.integers(0, len(responses) - 1), min_size=2, max_size=2, unique=True))
+        keys.append(prompt)
+        parts = [(("prompt", prompt), prompts[prompt])]
+        parts += [(("response", prompt, r), responses[r]) for r in (chosen, rejected)]
+        sizes.append(parts)
+    return keys, sizes
+
+
+def test_prompt_units_keep_groups_whole_and_split_large_ones_in_dataset_order() -> None:
+    keys = ["a", "b", "a", "a", "c", "a", "a", "b", "a"]
+    assert prompt_units(keys, [1] * len(keys), capacity=4) == [[0, 2, 3, 5], [6, 8], [1, 7], [4]]
+    # In tokens: a chunk's prompt counts once, so three pairs of one prompt fit where two lone pairs would not.
+    pair = [("p", 10), ("x", 2), ("y", 2)]
+    assert row_tokens([pair, [("p", 10), ("x", 2), ("z", 3)], [("p", 10), ("y", 2), ("z", 3)]]) == 17
+    assert prompt_units(["p"] * 3, [pair, [("p", 10), ("x", 2), ("z", 3)], [("p", 10), ("y", 2), ("z", 3)]], 17) == [
+        [0, 1, 2]
+    ]
+    assert prompt_units(["p"] * 3, [pair, [("p", 10), ("x", 2), ("z", 3)], [("p", 10), ("q", 4), ("z", 3)]], 17) == [
+        [0, 1],
+        [2],
+    ]
+
+
+@FAST
+@given(grouped_pairs(), st.integers(24, 60))
+def test_next_fit_with_parts_counts_what_a_row_does_not_hold_yet(case, capacity: int) -> None:
+    _, sizes = case
+    rows = next_fit(sizes, capacity)
+    assert [p for row in rows for p in row] == list(range(len(sizes)))
+    assert all(row_tokens([sizes[p] for p in row]) <= capacity for row in rows)
+    for row, following in itertools.pairwise(rows):
+        with_next = row_tokens([sizes[p] for p in [*row, following[0]]])
+        assert with_next > capacity, "next-fit opens a row only when the next example does not fit"
+    # Sharing only ever saves rows against the pairs laid out alone.
+    assert len(rows) <= len(next_fit([row_tokens([size]) for size in sizes], capacity))
+
+
+def refines(units: list[list[int]], planned: list[list[int]]) -> bool:
+    """Every used unit is a consecutive piece of a planned one."""
+    pieces = {tuple(unit) for unit in units}
+    for unit in planned:
+        start = 0
+        while start < len(unit):
+            piece = next((p for p in pieces if p[0] == unit[start]), None)
+            if piece is None or tuple(unit[start : start + len(piece)]) != piece:
+                return False
+            start += len(piece)
+    return True
+
+
+@FAST
+@given(grouped_pairs(), st.integers(24, 60), st.integers(1, 3), st.integers(1, 3), st.booleans(), st.integers(0, 9))
+def test_grouped_packed_sampler_keeps_each_unit_in_one_row(case, capacity, rows_per_batch, processes, shuffle, seed):
+    keys, sizes = case
+    units = prompt_units(keys, sizes, capacity)
+    if len(sizes) < processes:
+        with pytest.raises(ValueError, match="cannot fill"):
+            PackedBatchSampler(sizes, capacity, rows_per_batch, processes, shuffle, seed, prompts=keys)
+        return
+    sampler = PackedBatchSampler(sizes, capacity, rows_per_batch, processes, shuffle, seed, prompts=keys)
+    assert refines(sampler.units, units)
+    if len(sampler.units) > len(units):
+        assert len(sampler) > len(units), "units are cut only when the processes need more batches than units"
+    for epoch in (0, 1):
+        batches = sampler.batch_rows(epoch)
+        assert len(batches) == len(sampler) and len(sampler) % processes == 0
+        rows = [row for batch in batches for row in batch]
+        assert sorted(index for row in rows for index in row) == list(range(len(sizes)))
+        assert all(1 <= len(batch) <= rows_per_batch for batch in batches)
+        assert all(row_tokens([sizes[i] for i in row]) <= capacity for row in rows)
+        row_of = {index: r for r, row in enumerate(rows) for index in row}
+        for batch in batches:
+            in_batch = [unit for unit in sampler.units if unit[0] in {i for row in batch for i in row}]
+            if len({keys[unit[0]] for unit in in_batch}) == len(in_batch):  # no group split within this batch
+                assert all(len({row_of[i] for i in unit}) == 1 for unit in in_batch), "a group spans two rows"
+        again = PackedBatchSampler(sizes, capacity, rows_per_batch, processes, shuffle, seed, prompts=keys)
+        assert again.batch_rows(epoch) == batches, "deterministic for a seed and epoch"
+
+
+@FAST
+@given(grouped_pairs(max_pairs=60), st.integers(2, 9), st.integers(1, 3), st.integers(0, 9))
+def test_grouped_batches_hold_whole_groups_of_at_most_the_batch_size(case, batch_size, processes, seed) -> None:
+    """Unpacked --group_by_prompt: a pair weighs 1, a "row" is a batch of up to ``batch_size`` pairs."""
+    keys, _ = case
+    if len(keys) < processes:
+        return
+    units = prompt_units(keys, [1] * len(keys), batch_size)
+    sampler = PackedBatchSampler([1] * len(keys), batch_size, num_processes=processes, seed=seed, prompts=keys)
+    batches = list(sampler)
+    assert sorted(index for batch in batches for index in batch) == list(range(len(keys)))
+    assert all(1 <= len(batch) <= batch_size for batch in batches)
+    batch_of = {index: b for b, batch in enumerate(batches) for index in batch}
+    for unit in sampler.units:
+        assert len({batch_of[i] for i in unit}) == 1
+        # A chunk is contiguous in its batch, in dataset order: the collator sees a group's pairs together.
+        batch = batches[batch_of[unit[0]]]
+        start = batch.index(unit[0])
+        assert batch[start : start + len(unit)] == unit
+    if sampler.units == units:
+        for key in set(keys):
+            if keys.count(key) <= batch_size:
+                assert len({batch_of[i] for i, k in enumerate(keys) if k == key}) == 1, "a group that fits is whole"
+
+
+@pytest.mark.parametrize("num_processes", [2, 3])
+def test_accelerate_ranks_take_disjoint_whole_groups(num_processes: int) -> None:
+    keys = [index // 6 for index in range(6 * 40)]  # 40 prompts, 6 pairs each
+    keys = [keys[i] for i in torch.randperm(len(keys), generator=torch.Generator().manual_seed(0)).tolist()]
+    per_rank = []
+    for rank in range(num_processes):
+        sampler = PackedBatchSampler([1] * len(keys), 8, num_processes=num_processes, prompts=keys)
+        loader = DataLoader(list(range(len(keys))), batch_sampler=sampler, collate_fn=list)
+        per_rank.append(list(prepare_data_loader(loader, num_processes=num_processes, process_index=rank)))
+    assert len({len(batches) for batches in per_rank}) == 1, "every rank takes the same number of steps"
+    seen = [index for batches in per_rank for batch in batches for index in batch]
+    assert sorted(seen) == list(range(len(keys)))
+    for batches in per_rank:
+        for batch in batches:
+            # A group is whole, but for the two groups halved so that 40 groups make 42 batches (3 processes).
+            halved = sum(keys.count(keys[i]) != sum(keys[j] == keys[i] for j in batch) for i in batch)
+            assert halved in (0, 3, 6)

@@ -16,8 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trl.trainer.utils import add_fused_lm_head
 
+import collators
 from collators import PADDING_SEQUENCE, PrefixSharingCollator, dense_mask, shared_sequence_length
 from embedded import tiny_model
+from packing import next_fit
 from prefix_dpo_trainer import add_shared_forward
 
 PAD = 0
@@ -195,3 +197,76 @@ def test_log_probs_match_the_standard_forward(case: Case, attn_implementation: s
     # Context-sensitive weights: these log-probs move by far more than the tolerance when the context is wrong.
     torch.testing.assert_close(shared.log_probs[scored], standard.log_probs[scored], rtol=1e-5, atol=2e-5)
     assert (shared.log_probs[~scored] == 0).all()
+
+
+@dataclass
+class GroupCase:
+    examples: list[dict[str, list[int]]]
+    packing_length: int | None
+    score: str
+
+
+@st.composite
+def group_cases(draw: st.DrawFn) -> GroupCase:
+    """Pairs drawn from a few prompts with a few responses each, so that pairs share prompts and responses."""
+    rng = random.Random(draw(st.integers(0, 2**32 - 1), label="seed"))
+    prompts = [[rng.randrange(*VOCAB) for _ in range(rng.randint(1, 6))] for _ in range(draw(st.integers(1, 3)))]
+    responses = [[[rng.randrange(*VOCAB) for _ in range(rng.randint(1, 5))] for _ in range(4)] for _ in prompts]
+    examples = []
+    for _ in range(draw(st.integers(1, 7), label="pairs")):
+        prompt = draw(st.integers(0, len(prompts) - 1))
+        chosen, rejected = draw(st.lists(st.integers(0, 3), min_size=2, max_size=2, unique=True))
+        examples.append(
+            {
+                "prompt_ids": prompts[prompt],
+                "chosen_ids": responses[prompt][chosen],
+                "rejected_ids": responses[prompt][rejected],
+            }
+        )
+    packing_length = None
+    if draw(st.booleans(), label="packed"):
+        packing_length = max(shared_sequence_length(e) for e in examples) + draw(st.integers(0, 30))
+    return GroupCase(examples, packing_length, draw(st.sampled_from(["next_token", "last_token"])))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(group_cases())
+def test_group_layout_every_scored_state_sees_exactly_its_standard_prefix(case: GroupCase) -> None:
+    """Independently of how groups are laid out: each state ``score_index`` points at holds its standard sequence's
+    token at its standard position and sees exactly that sequence's earlier tokens, at their standard positions."""
+    collator = PrefixSharingCollator(pad_token_id=PAD, packing_length=case.packing_length)
+    examples = case.examples
+    if case.packing_length:
+        prompts = [tuple(example["prompt_ids"]) for example in examples]
+        rows = next_fit(collators.layout_sizes(examples), case.packing_length, prompts)
+    else:
+        rows = collators.prompt_rows(examples)
+    shared = collators.build_shared_inputs(examples, rows, PAD, length=case.packing_length, score=case.score)
+    ids, positions = shared["input_ids"].flatten(), shared["position_ids"].flatten()
+    length = shared["input_ids"].shape[1]
+    mask = dense_mask(shared)[:, 0]
+    scored = iter(shared["score_index"].tolist())
+    for column in ("chosen_ids", "rejected_ids"):
+        for example in examples:
+            tokens = example["prompt_ids"] + example[column]
+            p = len(example["prompt_ids"])
+            reads = range(p - 1, len(tokens) - 1) if case.score == "next_token" else [len(tokens) - 1]
+            for position in reads:
+                flat = next(scored)
+                assert (positions[flat].item(), ids[flat].item()) == (position, tokens[position])
+                row, query = divmod(flat, length)
+                keys = mask[row, query].nonzero().flatten() + row * length
+                seen = sorted(zip(positions[keys].tolist(), ids[keys].tolist(), strict=True))
+                assert seen == list(enumerate(tokens[: position + 1]))
+    assert next(scored, None) is None
+    # Every prompt and every distinct response of a row once: the grouped token count.
+    expected = 0
+    for row in rows:
+        groups: dict[tuple, set] = {}
+        for index in row:
+            e = examples[index]
+            responses = groups.setdefault(tuple(e["prompt_ids"]), set())
+            responses.update({tuple(e["chosen_ids"]), tuple(e["rejected_ids"])})
+        expected += sum(len(prompt) + sum(map(len, responses)) for prompt, responses in groups.items())
+    assert int((shared["sequence_ids"] >= 0).sum()) == expected
+    assert torch.equal(collator(examples)["shared_inputs"]["input_ids"], shared["input_ids"])

@@ -1,0 +1,220 @@
+"""PrefixRewardTrainer against trl.RewardTrainer on the same batch, float32 on CPU.
+
+Loss (with and without ``margin``, with ``center_rewards_coefficient``), every reward, every parameter gradient and
+TRL's logged metrics must agree to a relative error of 1e-5, on conversational and plain-text data where several pairs
+share a prompt and responses (grouped), unpacked and packed, sdpa and eager, plus FlexAttention's forward. A mutation
+test shows the comparison fails when a response sees another response.
+"""
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from datasets import Dataset
+from dpo_harness import CONTEXT_SENSITIVE_INIT, RTOL, relative_error
+from transformers import AutoModelForSequenceClassification
+from trl import RewardConfig, RewardTrainer
+
+import collators
+from collators import layout_sizes, split_common_prefixes
+from embedded import load_tokenizer, make_grouped_preference_dataset, tiny_model_config
+from packing import row_tokens
+from preference_data import normalize_schema
+from prefix_reward_trainer import PrefixRewardConfig, PrefixRewardTrainer
+
+
+@dataclass
+class RewardStep:
+    loss: torch.Tensor
+    rewards: torch.Tensor
+    grads: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    batch: dict[str, Any]
+
+
+def reward_rows(conversational: bool = True, margin: bool = False, num_prompts: int = 2) -> Dataset:
+    """3 responses per prompt and their 3 pairs: every response in two pairs."""
+    dataset = make_grouped_preference_dataset(
+        num_prompts, 3, conversational=conversational, prompt_words=(20, 70), response_words=(4, 24), turns=(1, 2)
+    )
+    if conversational:
+        dataset = normalize_schema(dataset)  # TRL's RewardTrainer cannot read the Capybara `prompt` column
+    if margin:
+        dataset = dataset.add_column("margin", [0.25 * (i % 4) for i in range(len(dataset))])
+    return dataset
+
+
+def reward_model(attn_implementation: str) -> torch.nn.Module:
+    config = tiny_model_config("llama", num_labels=1, initializer_range=CONTEXT_SENSITIVE_INIT)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(
+            config, dtype=torch.float32, attn_implementation=attn_implementation
+        )
+    return model
+
+
+def make_reward_trainers(
+    dataset: Dataset,
+    attn_implementation: str = "sdpa",
+    prefix_sharing: bool = True,
+    packing_length: int | None = None,
+    group_by_prompt: bool = False,
+    tokenizer=None,
+    tmp_path=None,
+    **config: Any,
+) -> tuple[RewardTrainer, PrefixRewardTrainer]:
+    model = reward_model(attn_implementation)
+    tokenizer = tokenizer or load_tokenizer()
+    packing = {} if packing_length is None else {"enable_packing": True, "packing_length": str(packing_length)}
+    common = dict(
+        report_to="none",
+        bf16=False,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=len(dataset),
+        max_length=None,
+        **config,
+    )
+    trainers = []
+    for trainer_cls, config_cls, extra in (
+        (RewardTrainer, RewardConfig, {}),
+        (
+            PrefixRewardTrainer,
+            PrefixRewardConfig,
+            {"prefix_sharing": prefix_sharing, "group_by_prompt": group_by_prompt, **packing},
+        ),
+    ):
+        output_dir = str(tmp_path / trainer_cls.__name__) if tmp_path is not None else "/tmp/prefix-reward-tests"
+        args = config_cls(output_dir=output_dir, **common, **extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainers.append(
+                trainer_cls(
+                    model=copy.deepcopy(model), args=args, train_dataset=dataset, processing_class=copy.copy(tokenizer)
+                )
+            )
+    return trainers[0], trainers[1]
+
+
+def reward_step(trainer: RewardTrainer, batch_transform=None) -> RewardStep:
+    """One loss + backward on the whole (tokenized) training set as a single batch, through the trainer's hooks."""
+    examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    batch = trainer.data_collator(examples)
+    if batch_transform is not None:
+        batch = batch_transform(batch)
+    trainer.model.train()
+    trainer.model.zero_grad()
+    trainer._metrics["train"].clear()
+    loss, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    metrics = {key: values[-1] for key, values in trainer._metrics["train"].items()}
+    return RewardStep(loss.detach(), outputs.logits.detach(), grads, metrics, batch)
+
+
+def assert_same_reward_step(ours: RewardStep, trl: RewardStep, rtol: float = RTOL) -> None:
+    assert relative_error(ours.loss, trl.loss) <= rtol, (ours.loss, trl.loss)
+    assert ours.rewards.shape == trl.rewards.shape
+    assert relative_error(ours.rewards, trl.rewards) <= rtol, (ours.rewards, trl.rewards)
+    scale = trl.rewards.abs().max().item()
+    for ours_reward, trl_reward in zip(ours.rewards.flatten().tolist(), trl.rewards.flatten().tolist(), strict=True):
+        assert abs(ours_reward - trl_reward) <= rtol * scale + 1e-6
+    assert ours.grads.keys() == trl.grads.keys()
+    assert sum(g.norm() for g in trl.grads.values()) > 0
+    for name, grad in trl.grads.items():
+        assert relative_error(ours.grads[name], grad) <= rtol, name
+    for key, value in trl.metrics.items():
+        assert abs(ours.metrics[key] - value) <= rtol * (abs(value) + scale) + 1e-6, (key, ours.metrics[key], value)
+
+
+def compare(dataset: Dataset, **kwargs) -> RewardStep:
+    trl_trainer, ours = make_reward_trainers(dataset, **kwargs)
+    step = reward_step(ours)
+    assert "shared_inputs" in step.batch, "prefix sharing was not used"
+    assert_same_reward_step(step, reward_step(trl_trainer))
+    return step
+
+
+@pytest.mark.parametrize(
+    "option", ["plain_loss", "margin", "center_rewards"], ids=["no-margin", "margin", "center_rewards_coefficient"]
+)
+@pytest.mark.parametrize("data", ["conversational", "plain"])
+def test_rewards_match_trl(data, option):
+    dataset = reward_rows(conversational=data == "conversational", margin=option == "margin")
+    config = {"center_rewards_coefficient": 0.01} if option == "center_rewards" else {}
+    step = compare(dataset, **config)
+    shared = step.batch["shared_inputs"]
+    # Groups: one row (one prompt) per group of 3 pairs, 3 distinct responses each.
+    assert len(shared["input_ids"]) == 2 and int(shared["branch_ids"].max()) == 3
+    assert step.metrics["tokens/computed"] < step.metrics["tokens/standard"] / 3
+
+
+def test_rewards_match_trl_eager():
+    compare(reward_rows(margin=True), attn_implementation="eager", center_rewards_coefficient=0.01)
+
+
+@pytest.mark.parametrize("prefix_sharing", [True, False], ids=["shared", "unshared"])
+def test_packed_rewards_match_trl(prefix_sharing):
+    dataset = reward_rows(num_prompts=3)
+    _, probe = make_reward_trainers(dataset)
+    examples = split_common_prefixes(list(probe.train_dataset))
+    length = max(row_tokens(layout_sizes(examples[i : i + 3], prefix_sharing)) for i in range(0, 9, 3)) + 8
+    step = compare(dataset, prefix_sharing=prefix_sharing, packing_length=length)
+    assert step.batch["shared_inputs"]["input_ids"].shape[1] == length
+    assert 1 < len(step.batch["shared_inputs"]["input_ids"]) < len(dataset)
+
+
+def test_reward_read_at_the_last_token_that_is_not_padding():
+    """With eos as the padding token, TRL's classifier reads each reward before the trailing eos: so does ours."""
+    tokenizer = load_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    step = compare(reward_rows(conversational=False), tokenizer=tokenizer)
+    shared, eos = step.batch["shared_inputs"], tokenizer.eos_token_id
+    read = shared["input_ids"].flatten()[shared["score_index"]]
+    assert (read != eos).all()
+
+
+def test_reward_flex_attention_forward(fresh_compiler):
+    trl_trainer, ours = make_reward_trainers(reward_rows())
+    ours.model.set_attn_implementation("flex_attention")
+    examples = [ours.train_dataset[i] for i in range(len(ours.train_dataset))]
+    with torch.no_grad():
+        rewards = ours.model(**ours.data_collator(examples), use_cache=False).logits
+        expected = trl_trainer.model(**trl_trainer.data_collator(examples), use_cache=False).logits
+    assert relative_error(rewards, expected) <= RTOL
+
+
+def _responses_see_each_other(sequence, branch, position, window, batch, query, key):
+    return (sequence[batch, query] == sequence[batch, key]) & (key <= query)
+
+
+def test_comparison_fails_when_a_response_sees_another(monkeypatch):
+    trl_trainer, ours = make_reward_trainers(reward_rows())
+    monkeypatch.setattr(collators, "_allowed", _responses_see_each_other)
+    ours_step, trl_step = reward_step(ours), reward_step(trl_trainer)
+    assert relative_error(ours_step.rewards, trl_step.rewards) > 1e-3
+    with pytest.raises(AssertionError):
+        assert_same_reward_step(ours_step, trl_step)
+
+
+def test_group_by_prompt_reward_training_loop(tmp_path):
+    """Through Trainer's own loader: shuffled pairs, batches of whole groups, every pair once; a short training run."""
+    dataset = reward_rows(num_prompts=4).shuffle(seed=1)
+    _, ours = make_reward_trainers(dataset, tmp_path=tmp_path, group_by_prompt=True, max_steps=2, logging_steps=1)
+    ours.args.per_device_train_batch_size = ours._train_batch_size = 6
+    batches, pad = list(ours.get_train_dataloader()), ours.processing_class.pad_token_id
+    assert [len(batch["input_ids"]) // 2 for batch in batches] == [6, 6]  # two whole groups of 3 pairs each
+    for batch in batches:
+        used_rows = (batch["shared_inputs"]["sequence_ids"] >= 0).any(dim=1)
+        assert int(used_rows.sum()) == 2, "one row per prompt"
+    pairs = [
+        (tuple(chosen[chosen != pad].tolist()), tuple(rejected[rejected != pad].tolist()))
+        for batch in batches
+        for chosen, rejected in zip(batch["input_ids"][:6], batch["input_ids"][6:], strict=True)
+    ]
+    assert len(set(pairs)) == len(pairs) == len(dataset)
+    ours.train()
+    assert ours.tokens_computed < ours.tokens_standard / 3
