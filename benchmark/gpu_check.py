@@ -7,7 +7,8 @@ In this order:
 1. exactness: float32, FlexAttention forward + backward (sdpa/eager on CPU) of PrefixDPOTrainer against
    ``trl.DPOTrainer`` on the same batch: loss, per-sequence log-probs, every gradient and TRL's metrics, for Llama,
    Mistral with a sliding window, Qwen2 with mixed layer kinds, Gemma 2 (soft-capping), ipo+sft, packed rows with and
-   without sharing, and precomputed reference log-probs;
+   without sharing, precomputed reference log-probs, and groups (several pairs per prompt) unpacked and packed; and
+   PrefixRewardTrainer against ``trl.RewardTrainer`` on groups;
 2. bf16 agreement: prefix sharing in bf16 against TRL in bf16, beside TRL bf16 against TRL float32;
 3. compile counts: flex_attention and create_block_mask variants over 20 training steps per mode (unpacked with
    mixed layer kinds, a reference model, evaluation and gradient checkpointing; packed with precomputed reference
@@ -53,7 +54,9 @@ from timing import CONFIGS, ShapeRun  # noqa: E402
 PAPER_OVER_FLEX = 1.54
 PAPER_PACKED_OVER_PACKING = 1.36
 COMPILE_STEPS = 20
-ERROR_KEYS = ("loss", "chosen_logps", "rejected_logps", "max_grad")
+# The smoke run's conversations: a tenth of the default lengths, so that its CPU forwards take seconds, not minutes.
+SHORT = {"prompt_words": (10, 60), "response_words": (3, 20), "turns": (1, 2)}
+ERROR_KEYS = ("loss", "chosen_logps", "rejected_logps", "rewards", "max_grad")
 
 
 class PhaseTimeout(BaseException):
@@ -99,36 +102,50 @@ def exactness_cases(flex: bool) -> list[tuple[str, dict[str, Any]]]:
         ("packed, prefix sharing", {"packed": True}),
         ("packed, no sharing", {"packed": True, "prefix_sharing": False}),
         ("precomputed reference", {"reference": "precompute"}),
+        ("groups: 4 responses per prompt, all pairs", {"data": "groups"}),
+        ("groups, packed", {"data": "groups", "packed": True}),
+        ("reward model, groups", {"data": "groups", "reward": True}),
     ]
 
 
-def check_exactness(flex: bool, scratch: Path, record: Callable[[dict], None]) -> None:
+def check_exactness(flex: bool, short: bool, scratch: Path, record: Callable[[dict], None]) -> None:
     import torch
     from dpo_harness import assert_same_step, conversational_rows, make_trainers, relative_error, train_step
+    from test_groups import grouped_rows
     from test_packing import packing_length_for
+    from test_reward import assert_same_reward_step, make_reward_trainers, reward_rows, reward_step
 
-    dataset = conversational_rows(6)
+    datasets = {"conversational": conversational_rows(6, **(SHORT if short else {})), "groups": grouped_rows(2, 4)}
     for name, case in exactness_cases(flex):
         torch._dynamo.reset()  # each case compiles from scratch, so no case's variants count against another's
         case = dict(case)
         case.setdefault("ours_attn_implementation", "flex_attention" if flex else None)
+        dataset = datasets[case.pop("data", "conversational")]
+        reward = case.pop("reward", False)
         if case.pop("packed", False):
             case["packing_length"] = packing_length_for(dataset, case.get("prefix_sharing", True))
         started = time.perf_counter()
         entry: dict[str, Any] = {"case": name}
         try:
-            trl_trainer, ours = make_trainers(dataset, tmp_path=scratch / name.replace(" ", "_"), **case)
+            tmp_path = scratch / name.replace(" ", "_").replace(":", "").replace(",", "")
+            if reward:
+                trl_trainer, ours = make_reward_trainers(reward_rows(), tmp_path=tmp_path, **case)
+                step = reward_step
+            else:
+                trl_trainer, ours = make_trainers(dataset, tmp_path=tmp_path, **case)
+                step = train_step
             entry["ours_attention"] = ours.model.config._attn_implementation
             entry["trl_attention"] = trl_trainer.model.config._attn_implementation
-            ours_step, trl_step = train_step(ours), train_step(trl_trainer)
+            ours_step, trl_step = step(ours), step(trl_trainer)
             grad_errors = [relative_error(ours_step.grads[k], g) for k, g in trl_step.grads.items()]
-            entry.update(
-                loss=relative_error(ours_step.loss, trl_step.loss),
-                chosen_logps=relative_error(ours_step.chosen_logps, trl_step.chosen_logps),
-                rejected_logps=relative_error(ours_step.rejected_logps, trl_step.rejected_logps),
-                max_grad=max(grad_errors),
-            )
-            assert_same_step(ours_step, trl_step)
+            entry.update(loss=relative_error(ours_step.loss, trl_step.loss), max_grad=max(grad_errors))
+            if reward:
+                entry["rewards"] = relative_error(ours_step.rewards, trl_step.rewards)
+                assert_same_reward_step(ours_step, trl_step)
+            else:
+                entry["chosen_logps"] = relative_error(ours_step.chosen_logps, trl_step.chosen_logps)
+                entry["rejected_logps"] = relative_error(ours_step.rejected_logps, trl_step.rejected_logps)
+                assert_same_step(ours_step, trl_step)
             entry["passed"] = True
         except Exception as error:  # a failed case is reported, and the other cases still run
             entry.update(passed=False, error=f"{type(error).__name__}: {error}"[:500])
@@ -142,7 +159,7 @@ def check_exactness(flex: bool, scratch: Path, record: Callable[[dict], None]) -
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def check_bf16(flex: bool, scratch: Path) -> dict[str, Any]:
+def check_bf16(flex: bool, short: bool, scratch: Path) -> dict[str, Any]:
     """TRL in float32 is the truth. In bf16, prefix sharing must differ from TRL by no more than TRL's own bf16 run
     differs from TRL's float32 one: the layout adds no error of its own beyond bf16's."""
     import torch
@@ -150,7 +167,9 @@ def check_bf16(flex: bool, scratch: Path) -> dict[str, Any]:
 
     torch._dynamo.reset()
     trl_trainer, ours = make_trainers(
-        conversational_rows(16), ours_attn_implementation="flex_attention" if flex else None, tmp_path=scratch
+        conversational_rows(16, **(SHORT if short else {})),
+        ours_attn_implementation="flex_attention" if flex else None,
+        tmp_path=scratch,
     )
     truth = train_step(trl_trainer)
     steps = {}
@@ -205,7 +224,7 @@ def compile_modes() -> list[tuple[str, str, dict[str, Any]]]:
     ]  # fmt: skip
 
 
-def check_compiles(flex: bool, scratch: Path, record: Callable[[dict], None]) -> None:
+def check_compiles(flex: bool, short: bool, scratch: Path, record: Callable[[dict], None]) -> None:
     import torch
     from dpo_harness import conversational_rows
 
@@ -213,7 +232,8 @@ def check_compiles(flex: bool, scratch: Path, record: Callable[[dict], None]) ->
     from embedded import load_tokenizer, tiny_model
     from prefix_dpo_trainer import PrefixDPOConfig, PrefixDPOTrainer
 
-    train, evaluation = conversational_rows(40, seed=1), conversational_rows(9, seed=2)
+    lengths = SHORT if short else {}
+    train, evaluation = conversational_rows(40, seed=1, **lengths), conversational_rows(9, seed=2, **lengths)
     attention = "flex_attention" if flex else "sdpa"
     for name, model, overrides in compile_modes():
         model_type, model_overrides = (model, {}) if isinstance(model, str) else model
@@ -373,7 +393,7 @@ def render(report: dict[str, Any], path: Path) -> None:
             ]
             for case in phases["exactness"].get("cases", [])
         ]
-        columns = ["case", "ours / TRL attention", "loss>", "chosen log-probs>", "rejected log-probs>"]
+        columns = ["case", "ours / TRL attention", "loss>", "chosen log-probs>", "rejected log-probs>", "rewards>"]
         columns += ["worst gradient>", "passed", "s>"]
         sections += [
             "## 1. Exactness, float32: relative errors against trl.DPOTrainer (tolerance 1e-5)",
@@ -503,15 +523,19 @@ def main(argv: list[str] | None = None) -> None:
 
         def exactness(phase: dict) -> None:
             phase["cases"] = []
-            check_exactness(flex, scratch, lambda entry: (phase["cases"].append(entry), print(entry, flush=True)))
+            check_exactness(
+                flex, args.smoke, scratch, lambda entry: (phase["cases"].append(entry), print(entry, flush=True))
+            )
 
         def bf16(phase: dict) -> None:
-            phase["result"] = check_bf16(flex, scratch / "bf16")
+            phase["result"] = check_bf16(flex, args.smoke, scratch / "bf16")
             print(phase["result"], flush=True)
 
         def compiles(phase: dict) -> None:
             phase["modes"] = []
-            check_compiles(flex, scratch, lambda entry: (phase["modes"].append(entry), print(entry, flush=True)))
+            check_compiles(
+                flex, args.smoke, scratch, lambda entry: (phase["modes"].append(entry), print(entry, flush=True))
+            )
 
         def benchmark(phase: dict) -> None:
             from embedded import load_tokenizer

@@ -47,9 +47,10 @@ def plain_text_rows() -> list[dict[str, str]]:
     return [{"prompt": prompt, "chosen": chosen, "rejected": rejected} for prompt, chosen, rejected in rows]
 
 
-def conversational_rows(num_examples: int = 6, seed: int = 0) -> Dataset:
-    """Multi-turn conversations; the Capybara ``prompt`` column is dropped, since TRL itself cannot read it."""
-    return normalize_schema(make_preference_dataset(num_examples, seed=seed))
+def conversational_rows(num_examples: int = 6, seed: int = 0, **lengths: Any) -> Dataset:
+    """Multi-turn conversations; the Capybara ``prompt`` column is dropped, since TRL itself cannot read it.
+    ``lengths`` go to ``make_preference_dataset`` (``prompt_words``, ``response_words``, ``turns``)."""
+    return normalize_schema(make_preference_dataset(num_examples, seed=seed, **lengths))
 
 
 def perturbed_copy(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> torch.nn.Module:

@@ -20,7 +20,7 @@ def test_gpu_check_smoke_runs_every_phase(tmp_path):
     assert list(phases) == ["exactness", "bf16", "compiles", "benchmark"]
     assert not [phase["error"] for phase in phases.values() if phase.get("error")]
     cases = phases["exactness"]["cases"]
-    assert len(cases) == 8 and all(case["passed"] for case in cases), cases
+    assert len(cases) == 11 and all(case["passed"] for case in cases), cases
     assert phases["bf16"]["result"]["passed"]
     modes = phases["compiles"]["modes"]
     assert len(modes) == 3 and all(mode["passed"] and mode["steps"] == 20 for mode in modes), modes

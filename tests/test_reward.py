@@ -65,8 +65,10 @@ def make_reward_trainers(
     group_by_prompt: bool = False,
     tokenizer=None,
     tmp_path=None,
+    ours_attn_implementation: str | None = None,
     **config: Any,
 ) -> tuple[RewardTrainer, PrefixRewardTrainer]:
+    """``ours_attn_implementation`` gives our side another attention backend than TRL's (flex_attention on a GPU)."""
     model = reward_model(attn_implementation)
     tokenizer = tokenizer or load_tokenizer()
     packing = {} if packing_length is None else {"enable_packing": True, "packing_length": str(packing_length)}
@@ -89,12 +91,13 @@ def make_reward_trainers(
     ):
         output_dir = str(tmp_path / trainer_cls.__name__) if tmp_path is not None else "/tmp/prefix-reward-tests"
         args = config_cls(output_dir=output_dir, **common, **extra)
+        copied = copy.deepcopy(model)
+        if trainer_cls is PrefixRewardTrainer and ours_attn_implementation is not None:
+            copied.set_attn_implementation(ours_attn_implementation)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainers.append(
-                trainer_cls(
-                    model=copy.deepcopy(model), args=args, train_dataset=dataset, processing_class=copy.copy(tokenizer)
-                )
+                trainer_cls(model=copied, args=args, train_dataset=dataset, processing_class=copy.copy(tokenizer))
             )
     return trainers[0], trainers[1]
 
@@ -102,7 +105,7 @@ def make_reward_trainers(
 def reward_step(trainer: RewardTrainer, batch_transform=None) -> RewardStep:
     """One loss + backward on the whole (tokenized) training set as a single batch, through the trainer's hooks."""
     examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
-    batch = trainer.data_collator(examples)
+    batch = trainer._prepare_inputs(trainer.data_collator(examples))  # onto the trainer's device
     if batch_transform is not None:
         batch = batch_transform(batch)
     trainer.model.train()
