@@ -1,7 +1,7 @@
 """Every GPU check of the project in one command, in one report.
 
     python benchmark/gpu_check.py            # one H100/H200, one 10-minute call (--budget-seconds, default 560)
-    python benchmark/gpu_check.py --smoke    # the same pipeline on CPU, tiny model, sdpa, about 2 minutes (CI)
+    python benchmark/gpu_check.py --smoke    # the same pipeline on CPU, tiny model, sdpa, about 1 minute (CI)
 
 In this order:
 1. exactness: float32, FlexAttention forward + backward (sdpa/eager on CPU) of PrefixDPOTrainer against
