@@ -3,6 +3,9 @@
 Only the computation of per-token log-probabilities changes. The collator adds the shared layout to TRL's standard
 batch; the model's forward (already given TRL's fused LM head) runs the shared layout and hands back its per-token
 outputs in the standard ``[chosen rows; rejected rows]`` layout, so TRL's losses, metrics and logging run unchanged.
+
+Mixture-of-experts models add the router load-balancing loss computed over the tokens the shared forward ran: with
+prefix sharing each prompt token counts once, where TRL's standard layout counts it twice (``router_aux_loss``).
 """
 
 import copy
@@ -18,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import is_peft_model
 from datasets import IterableDataset
 from transformers import PreTrainedModel
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 from transformers.utils import is_torch_bf16_gpu_available
 from trl import DPOConfig, DPOTrainer
@@ -156,10 +160,17 @@ def add_shared_forward(model: PreTrainedModel) -> None:
                 "completion tokens: the batch was not built by PrefixSharingCollator from the same examples."
             )
 
+        router_logits = []
+
         def gather_scored_states(module, inputs, output):
             # TRL's fused head reads `last_hidden_state`; handing it only the predicting states (one row, aligned with
             # `shift_labels`) lets it score exactly the completion tokens, on every device.
             output.last_hidden_state = output.last_hidden_state.flatten(0, 1)[score_index].unsqueeze(0)
+            if getattr(output, "router_logits", None) is not None:
+                # The fused head would weight these by `attention_mask`, here the shared layout's (rows, 1, L, L)
+                # mask: take them, so that it adds nothing, and weight them by the tokens that ran instead.
+                router_logits.append(output.router_logits)
+                output.router_logits = None
             return output
 
         handle = self.base_model.register_forward_hook(gather_scored_states)
@@ -178,10 +189,29 @@ def add_shared_forward(model: PreTrainedModel) -> None:
             for name in PER_TOKEN_FIELDS
             for value in [getattr(outputs, name)]
         }
-        return FusedCausalLMOutput(loss=outputs.loss, label_mask=score_mask, aux_loss=outputs.aux_loss, **per_token)
+        loss, aux_loss = outputs.loss, outputs.aux_loss
+        if router_logits:
+            aux_loss = router_aux_loss(router_logits[0], self.config, shared_inputs["sequence_ids"] >= 0)
+            loss = loss + getattr(self.config.get_text_config(), "router_aux_loss_coef", 0.0) * aux_loss
+        return FusedCausalLMOutput(loss=loss, label_mask=score_mask, aux_loss=aux_loss, **per_token)
 
     model.forward = types.MethodType(forward, model)
     model._has_shared_forward = True
+
+
+def router_aux_loss(router_logits: tuple[torch.Tensor, ...], config, tokens: torch.Tensor) -> torch.Tensor:
+    """The router load-balancing loss TRL's fused head computes (Mixtral's, which every MoE family shares), over the
+    positions where ``tokens`` is True: the tokens a forward ran, padding excluded.
+
+    It is the Switch Transformer loss ``E * sum_e f_e * P_e`` (``f_e`` the share of top-k assignments to expert ``e``,
+    ``P_e`` its mean router probability, both over all layers and the given tokens). In the shared layout every
+    prompt token runs once, so it is that loss over ``prompt | chosen | rejected``; TRL's standard layout runs, and
+    counts, each prompt token twice. Packing without sharing runs the same tokens as TRL, so the value is TRL's.
+    """
+    text_config = config.get_text_config()
+    return load_balancing_loss_func(
+        router_logits, text_config.num_experts, text_config.num_experts_per_tok, tokens.to(router_logits[0].device)
+    )
 
 
 def _attention_backend(model: Any, args: DPOConfig) -> str | None:
@@ -288,12 +318,6 @@ class PrefixDPOTrainer(DPOTrainer):
         if config._attn_implementation not in MASKABLE_BACKENDS:
             raise ValueError(unsupported_backend_message(config._attn_implementation))
         attention_windows(config)  # raises, naming the model type, for attention that a mask cannot express
-        if self.aux_loss_enabled:
-            raise ValueError(
-                f"{config.model_type} adds a router load-balancing loss computed over a padding mask, which the "
-                "shared layout does not have. Set --router_aux_loss_coef 0, or train without --prefix_sharing and "
-                "--enable_packing."
-            )
         add_shared_forward(self.model.get_base_model() if is_peft_model(self.model) else self.model)
         if self.ref_model is not None:
             add_shared_forward(self.accelerator.unwrap_model(self.ref_model))
