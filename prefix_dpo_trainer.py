@@ -6,6 +6,8 @@ outputs in the standard ``[chosen rows; rejected rows]`` layout, so TRL's losses
 
 Mixture-of-experts models add the router load-balancing loss computed over the tokens the shared forward ran: with
 prefix sharing each prompt token counts once, where TRL's standard layout counts it twice (``router_aux_loss``).
+Models with token mixers that no attention mask governs (convolution, state-space, linear-attention layers) train on
+TRL's standard layout instead, with a warning.
 """
 
 import copy
@@ -34,6 +36,7 @@ from collators import (
     attention_mask_for,
     attention_windows,
     shared_sequence_length,
+    unmasked_token_mixers,
     unsupported_backend_message,
 )
 from packing import PackedBatchSampler, auto_packing_length, packing_statistics
@@ -277,6 +280,7 @@ class PrefixDPOTrainer(DPOTrainer):
         self.tokens_computed = 0
         self.tokens_standard = 0
         self.examples_trained = 0
+        self.standard_layout_reason: str | None = None
         check_datasets_not_empty(*more_args, **kwargs)
         if args is not None:
             self._check_attention_backend(model, ref_model, args)
@@ -289,11 +293,11 @@ class PrefixDPOTrainer(DPOTrainer):
 
     @property
     def shares_prefix(self) -> bool:
-        return bool(getattr(self.args, "prefix_sharing", False))
+        return bool(getattr(self.args, "prefix_sharing", False)) and self.standard_layout_reason is None
 
     @property
     def packs(self) -> bool:
-        return bool(getattr(self.args, "enable_packing", False))
+        return bool(getattr(self.args, "enable_packing", False)) and self.standard_layout_reason is None
 
     @staticmethod
     def _check_attention_backend(model: Any, ref_model: PreTrainedModel | None, args: DPOConfig) -> None:
@@ -315,6 +319,17 @@ class PrefixDPOTrainer(DPOTrainer):
         if not (self.shares_prefix or self.packs):
             return
         config = self.model.config
+        mixers = unmasked_token_mixers(self.model)
+        if mixers:
+            self.standard_layout_reason = (
+                f"Model type '{config.model_type}' has {', '.join(repr(kind) for kind in mixers)} layers, which mix "
+                "tokens whatever the attention mask says (convolution, state-space or linear-attention layers): in "
+                "the shared or packed layout the chosen tokens would reach the rejected ones, and packed examples "
+                "each other. --prefix_sharing and --enable_packing are off for this model: it trains on TRL's "
+                "standard layout, exactly, without their savings."
+            )
+            warnings.warn(self.standard_layout_reason, stacklevel=3)
+            return
         if config._attn_implementation not in MASKABLE_BACKENDS:
             raise ValueError(unsupported_backend_message(config._attn_implementation))
         attention_windows(config)  # raises, naming the model type, for attention that a mask cannot express
