@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import is_peft_model
 from datasets import IterableDataset
+from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.trainer_pt_utils import BatchRebalanceSampler
@@ -39,7 +40,7 @@ from collators import (
     unmasked_token_mixers,
     unsupported_backend_message,
 )
-from packing import PackedBatchSampler, auto_packing_length, packing_statistics
+from packing import PackedBatchSampler, PackedStream, auto_packing_length, packing_statistics
 from preference_data import check_config, check_datasets_not_empty, finish_tokenized, normalize_schema
 
 PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -75,7 +76,16 @@ class PrefixDPOConfig(DPOConfig):
         default=None,
         metadata={
             "help": "Tokens per packed row: an integer, or `auto` (default): 1.1 x the 95th percentile of the "
-            "example lengths, rounded up to a multiple of 128, times 4, as the paper chose."
+            "example lengths, rounded up to a multiple of 128, times 4, as the paper chose. A streamed dataset needs "
+            "an integer."
+        },
+    )
+    packing_window: int = field(
+        default=4096,
+        metadata={
+            "help": "Examples packed together by best-fit decreasing: each epoch packs windows of this many shuffled "
+            "examples (so that row mates change between epochs); a streamed dataset is read and packed this many "
+            "examples at a time, holding at most twice as many."
         },
     )
     bf16: bool | None = field(
@@ -113,6 +123,8 @@ class PrefixDPOConfig(DPOConfig):
             raise ValueError("--packing_length is only used with --enable_packing.")
         if self.enable_packing:
             self.packing_length = parse_packing_length(self.packing_length)
+            if self.packing_window < 1:
+                raise ValueError(f"--packing_window must be at least 1 example, got {self.packing_window}.")
         super().__post_init__()
 
 
@@ -265,6 +277,34 @@ class RankBatches(BatchRebalanceSampler):
         return len(self.batches) // self.num_processes
 
 
+class BatchPerItem:
+    """``collate_fn`` for a DataLoader over a :class:`PackedStream`, whose items are whole batches: the loader takes
+    one item at a time (``batch_size=1``, which accelerate's per-process sharding of a stream needs) and this hands
+    the item's examples to the collator."""
+
+    def __init__(self, collator) -> None:
+        self.collator = collator
+
+    def __call__(self, items: list[list[dict[str, Any]]]) -> dict[str, Any]:
+        (examples,) = items
+        return self.collator(examples)
+
+
+def _dispatch_per_process(args: DPOConfig) -> None:
+    """With accelerate's ``dispatch_batches`` (its default for a streamed dataset, which TRL turns off only for a
+    streamed train set), process 0 collates every batch and then cuts each tensor of it to the per-process batch size
+    along the first dimension. ``shared_inputs`` are not one row per sequence (one row per example or per packed
+    row, and a flat ``score_index``), so each process collates its own batches instead."""
+    if args.accelerator_config.dispatch_batches:
+        warnings.warn(
+            "dispatch_batches=True is turned off with --prefix_sharing or --enable_packing: accelerate would cut "
+            "the shared layout's tensors, which are not one row per sequence, to the batch size. Each process "
+            "collates its own batches instead.",
+            stacklevel=3,
+        )
+    args.accelerator_config.dispatch_batches = False
+
+
 class PrefixDPOTrainer(DPOTrainer):
     """``DPOTrainer`` that computes per-token log-probs from one forward per example (``prefix_sharing``) and/or
     over packed rows (``enable_packing``).
@@ -284,6 +324,8 @@ class PrefixDPOTrainer(DPOTrainer):
         check_datasets_not_empty(*more_args, **kwargs)
         if args is not None:
             self._check_attention_backend(model, ref_model, args)
+            if getattr(args, "prefix_sharing", False) or getattr(args, "enable_packing", False):
+                _dispatch_per_process(args)
         super().__init__(model, ref_model, args, *more_args, **kwargs)
         self._use_shared_layout()
         if self.packs and self.accelerator.num_processes > 1:
@@ -366,13 +408,14 @@ class PrefixDPOTrainer(DPOTrainer):
         ]
 
     def _resolve_packing_length(self) -> int:
-        if isinstance(self.train_dataset, IterableDataset):
+        if self.args.packing_length == "auto" and isinstance(self.train_dataset, IterableDataset):
             raise ValueError(
-                "--enable_packing plans each epoch's rows from every example's length, which a streamed dataset "
-                "does not give up front. Drop --dataset_streaming or --enable_packing."
+                "--packing_length auto is computed from every example's length, which a streamed dataset does not "
+                "give up front. Give a number of tokens, e.g. --packing_length 16384 (an example longer than it is "
+                "an error naming the example when it is read)."
             )
-        lengths = self._example_lengths(self.train_dataset)
         if self.args.packing_length == "auto":
+            lengths = self._example_lengths(self.train_dataset)
             self.args.packing_length, stats = auto_packing_length(lengths)
             self.accelerator.print(
                 f"--packing_length auto: {self.args.packing_length} tokens per row (1.1 x the 95th percentile "
@@ -386,6 +429,8 @@ class PrefixDPOTrainer(DPOTrainer):
         elif self.eval_dataset is not None:
             datasets["eval"] = self.eval_dataset
         for name, dataset in datasets.items():
+            if isinstance(dataset, IterableDataset):
+                continue  # PackedStream checks each example as it is read
             lengths = self._example_lengths(dataset)
             longest = max(range(len(lengths)), key=lengths.__getitem__)
             if lengths[longest] > self.args.packing_length:
@@ -404,8 +449,36 @@ class PrefixDPOTrainer(DPOTrainer):
             num_processes=self.args.world_size,
             shuffle=shuffle,
             seed=self.args.seed,
+            window_size=self.args.packing_window,
         )
         return RankBatches(batches, self.args.world_size, self.args.process_index)
+
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, **kwargs):
+        if not (self.packs and isinstance(dataset, IterableDataset)):
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
+        # A stream has no lengths up front, so no batch sampler: PackedStream packs it window by window and yields
+        # every process's batches in turn, which accelerate deals out one per process (a multiple of the process
+        # count per window, so every process takes the same number of steps).
+        stream = PackedStream(
+            dataset,
+            functools.partial(shared_sequence_length, share_prompt=self.shares_prefix),
+            self.args.packing_length,
+            rows_per_batch=batch_size,
+            num_processes=self.args.world_size,
+            window_size=self.args.packing_window,
+            shuffle=is_training,
+            seed=self.args.seed,
+            name="train" if is_training else "eval",
+        )
+        collator = self._get_collator_with_removed_columns(self.data_collator, description=description)
+        loader = DataLoader(
+            stream,
+            batch_size=1,
+            collate_fn=BatchPerItem(collator),
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
 
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         dataloader = super().get_train_dataloader()
@@ -439,7 +512,7 @@ class PrefixDPOTrainer(DPOTrainer):
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # TRL precomputes inside its __init__, before this class's __init__ could install the shared layout.
         self._use_shared_layout()
-        if self.packs and self.args.precompute_ref_batch_size is None:
+        if self.packs and self.args.precompute_ref_batch_size is None and not isinstance(dataset, IterableDataset):
             # TRL batches examples in dataset order (its cache is per example); pack as many as fill the rows of a
             # batch, instead of padding one example to a whole row.
             stats = packing_statistics(self._example_lengths(dataset), self.args.packing_length)
