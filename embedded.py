@@ -540,6 +540,21 @@ TINY_MOE_AND_HYBRID_TYPES: dict[str, dict[str, Any]] = {
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "deepseek_v3": {  # multi-head latent attention; layer 0 dense, layer 1 routed experts plus a shared one
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "first_k_dense_replace": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 32,
+        "kv_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "head_dim": 8,  # the rotary part of a query, as DeepSeek-V3 uses it
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+    },
     "lfm2": {"layer_types": ["conv", "full_attention"], "conv_L_cache": 3},
     "nemotron_h": {
         "layers_block_type": ["mamba", "attention", "moe"],

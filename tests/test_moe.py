@@ -1,4 +1,5 @@
-"""Mixture-of-experts models (Qwen3-MoE, Mixtral, GPT-OSS) with prefix sharing and packing, against trl.DPOTrainer.
+"""Mixture-of-experts models (Qwen3-MoE, Mixtral, GPT-OSS, DeepSeek-V3) with prefix sharing and packing, against
+trl.DPOTrainer.
 
 Routing is per token, so with the router load-balancing loss off the DPO loss, log-probs, gradients and metrics are
 TRL's (float32, relative error 1e-5). With it on, the loss is computed over the tokens the forward ran
@@ -19,6 +20,7 @@ from prefix_dpo_trainer import router_aux_loss
 QWEN3_MOE = ("qwen3_moe", "sdpa")
 MIXTRAL = ("mixtral", "sdpa")
 GPT_OSS = ("gpt_oss", "eager")  # attention sinks and sliding windows; transformers has no sdpa path for GPT-OSS
+DEEPSEEK_V3 = ("deepseek_v3", "sdpa")  # no auxiliary loss: DeepSeek-V3 balances its experts with router biases
 COEF = 0.05  # larger than the configs' 0.001, so that the auxiliary term is visible in the loss and the gradients
 PACKING_LENGTH = 384  # two or three examples a row
 
@@ -30,8 +32,20 @@ def conversations() -> Dataset:
 
 @pytest.mark.parametrize(
     "model, packing_length",
-    [(QWEN3_MOE, None), (QWEN3_MOE, PACKING_LENGTH), (MIXTRAL, PACKING_LENGTH), (GPT_OSS, PACKING_LENGTH)],
-    ids=["qwen3-moe-sharing", "qwen3-moe-sharing+packing", "mixtral-sharing+packing", "gpt-oss-sharing+packing"],
+    [
+        (QWEN3_MOE, None),
+        (QWEN3_MOE, PACKING_LENGTH),
+        (MIXTRAL, PACKING_LENGTH),
+        (GPT_OSS, PACKING_LENGTH),
+        (DEEPSEEK_V3, PACKING_LENGTH),
+    ],
+    ids=[
+        "qwen3-moe-sharing",
+        "qwen3-moe-sharing+packing",
+        "mixtral-sharing+packing",
+        "gpt-oss-sharing+packing",
+        "deepseek-v3-sharing+packing",
+    ],
 )
 def test_moe_dpo_loss_is_exact_with_the_aux_loss_off(model, packing_length):
     model_type, attn_implementation = model
