@@ -160,6 +160,8 @@ def test_a_too_long_example_and_a_too_short_stream_are_clear_errors():
 
 
 def test_streamed_packed_training_matches_trl_batch_by_batch():
+    """The trainer's loader yields PackedStream's batches (two windows of three examples); each batch trains as
+    trl.DPOTrainer trains the same examples, and together they hold every example once."""
     dataset = conversations(6)
     _, ours = make_trainers(
         dataset.to_iterable_dataset(),
