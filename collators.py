@@ -419,6 +419,29 @@ def attention_windows(config: PretrainedConfig) -> dict[str, int | None]:
     return windows
 
 
+# `layer_types` kinds that a mask governs, and kinds that mix no tokens at all (per-token feed-forward layers).
+ATTENTION_LAYER_KINDS = ("full_attention", "sliding_attention")
+TOKENWISE_LAYER_KINDS = ("moe", "mlp")
+
+
+def unmasked_token_mixers(model: torch.nn.Module) -> list[str]:
+    """The kinds of layer in ``model`` that mix tokens outside attention, where no mask reaches: convolutions (LFM2),
+    state-space layers (Mamba, NemotronH), linear attention (Qwen3-Next); also attention kinds other than full and
+    sliding-window. Empty for a model whose every token mixer is full or sliding-window attention.
+
+    Read from the config's ``layer_types`` (transformers lists Mamba, Jamba, NemotronH and Qwen3-Next layers as
+    ``linear_attention``). A config that lists no kinds (LFM2-MoE's) is read from the causal ``nn.Conv1d`` that
+    convolution and state-space mixers carry, named by the module holding it.
+    """
+    text_config = model.config.get_text_config()
+    known = ATTENTION_LAYER_KINDS + TOKENWISE_LAYER_KINDS
+    kinds = [kind for kind in dict.fromkeys(getattr(text_config, "layer_types", None) or []) if kind not in known]
+    if kinds:
+        return kinds
+    holders = (module for module in model.modules() if any(isinstance(c, torch.nn.Conv1d) for c in module.children()))
+    return sorted({type(module).__name__ for module in holders})
+
+
 def _allowed(
     sequence: torch.Tensor,
     branch: torch.Tensor,

@@ -621,6 +621,40 @@ def token_length_stats(
 # ---------------------------------------------------------------------------------------------------------------------
 
 TINY_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
+# Mixture-of-experts types (4 experts, top 2) and hybrid types (a convolution or Mamba-2 layer beside attention), with
+# what they need beyond the common tiny sizes.
+TINY_MOE_AND_HYBRID_TYPES: dict[str, dict[str, Any]] = {
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "deepseek_v3": {  # multi-head latent attention; layer 0 dense, layer 1 routed experts plus a shared one
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "first_k_dense_replace": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 32,
+        "kv_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "head_dim": 8,  # the rotary part of a query, as DeepSeek-V3 uses it
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+    },
+    "lfm2": {"layer_types": ["conv", "full_attention"], "conv_L_cache": 3},
+    "nemotron_h": {
+        "layers_block_type": ["mamba", "attention", "moe"],
+        "mamba_num_heads": 8,
+        "mamba_head_dim": 8,
+        "mamba_n_groups": 1,
+        "ssm_state_size": 16,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "moe_shared_expert_intermediate_size": 64,
+    },
+}
 _TINY_HEAD_DIM = 16
 
 
@@ -629,13 +663,16 @@ def tiny_model_config(model_type: str = "llama", vocab_size: int | None = None, 
 
     Grouped-query attention (kv heads < heads) is kept because it is the case the attention code has to get right;
     every other architectural default (Mistral's and Gemma 2's sliding windows, Gemma 2's soft-capping, Phi-3's fused
-    projections) is left as the real models have it. Token ids and the vocabulary come from the shipped tokenizer.
-    ``overrides`` are passed to the config class last, so they win.
+    projections) is left as the real models have it. Mixture-of-experts and hybrid types get 4 experts (top 2) and one
+    convolution or Mamba-2 layer. Token ids and the vocabulary come from the shipped tokenizer. ``overrides`` are
+    passed to the config class last, so they win.
     """
     from transformers import AutoConfig
 
-    if model_type not in TINY_MODEL_TYPES:
-        raise ValueError(f"unsupported model type {model_type!r}; expected one of {TINY_MODEL_TYPES}")
+    if model_type not in (*TINY_MODEL_TYPES, *TINY_MOE_AND_HYBRID_TYPES):
+        raise ValueError(
+            f"unsupported model type {model_type!r}; expected one of {(*TINY_MODEL_TYPES, *TINY_MOE_AND_HYBRID_TYPES)}"
+        )
     ids = _tokenizer_ids()
     kwargs: dict[str, Any] = {
         **ids,
@@ -652,6 +689,7 @@ def tiny_model_config(model_type: str = "llama", vocab_size: int | None = None, 
         kwargs["head_dim"] = _TINY_HEAD_DIM
     if model_type == "gemma2":  # Gemma 2 scales queries by this instead of head_dim; keep it consistent with the size
         kwargs["query_pre_attn_scalar"] = _TINY_HEAD_DIM
+    kwargs.update(TINY_MOE_AND_HYBRID_TYPES.get(model_type, {}))
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 

@@ -8,7 +8,8 @@ an epoch's packing into batches of ``rows_per_batch`` rows, and the collator spl
 
 The sampler is not rank-aware: accelerate's ``BatchSamplerShard`` deals
 batch ``i`` to process ``i % num_processes``, so the sampler only has to yield a multiple of ``num_processes`` batches
-for every rank to take the same number of steps without any example being repeated or dropped.
+for every rank to take the same number of steps without any example being repeated or dropped. A streamed dataset
+gives no lengths up front: :class:`PackedStream` packs it window by window, a :class:`PackedBatchSampler` per window.
 
 Next-fit reproduces the sampler's rows by construction: the sampler runs :func:`next_fit` over every batch in the
 order it yields it and reports those rows (:meth:`PackedBatchSampler.batch_rows`). Over rows that each fit, next-fit
@@ -28,15 +29,16 @@ import heapq
 import itertools
 import math
 from bisect import bisect_left, insort
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from fractions import Fraction
 from typing import Any, TypeAlias
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import IterableDataset, Sampler
 
 __all__ = [
     "PackedBatchSampler",
+    "PackedStream",
     "auto_packing_length",
     "next_fit",
     "pack_rows",
@@ -609,3 +611,92 @@ class PackedBatchSampler(Sampler[list[int]]):
                     row.remove(other)
                     row.insert(0, other)
         return rows
+
+
+class PackedStream(IterableDataset):
+    """Packs a stream of examples into batches of packed rows with a bounded look-ahead: the batches of every process.
+
+    The stream is read ``window_size`` examples at a time. Each window is packed on its own by a
+    :class:`PackedBatchSampler` (best-fit decreasing over the window's examples, shuffled when ``shuffle``), which
+    gives each example exactly once and a multiple of ``num_processes`` batches. A window is held back until the next
+    one is full, so a last, short window joins the one before it (at most ``2 * window_size`` examples are held):
+    only a stream too short to give every process a batch is an error, as for :class:`PackedBatchSampler`. Items
+    are lists of examples, one batch each, every process's in turn: batch ``i`` belongs to process
+    ``i % num_processes``, which is how accelerate deals out the items of a stream (one item per step and process).
+
+    Deterministic for ``seed`` and the epoch (``set_epoch``, also passed on to the stream, so that a shuffled
+    ``datasets.IterableDataset`` reshuffles). ``length(example)`` gives an example's tokens; an example longer than
+    ``capacity`` is a ``ValueError`` naming its position in the stream.
+
+    >>> stream = PackedStream([{"n": n} for n in (6, 4, 5, 5, 3)], lambda e: e["n"], capacity=10, shuffle=False)
+    >>> [[e["n"] for e in batch] for batch in stream]
+    [[6, 4], [5, 5], [3]]
+    """
+
+    def __init__(
+        self,
+        examples: Iterable[dict[str, Any]],
+        length: Callable[[dict[str, Any]], Size],
+        capacity: int,
+        rows_per_batch: int = 1,
+        num_processes: int = 1,
+        window_size: int = 4096,
+        shuffle: bool = True,
+        seed: int = 0,
+        name: str = "streamed",
+    ) -> None:
+        super().__init__()
+        if window_size < 1:
+            raise ValueError(f"window_size must be at least 1 example, got {window_size}")
+        self.examples = examples
+        self.length = length
+        self.capacity = capacity
+        self.rows_per_batch = rows_per_batch
+        self.num_processes = num_processes
+        self.window_size = window_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.name = name
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.examples, "set_epoch"):
+            self.examples.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        # One draw per window from a generator seeded by (seed, epoch): windows of one epoch are shuffled differently.
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        held: list[tuple[dict[str, Any], Size]] = []
+        window: list[tuple[dict[str, Any], Size]] = []
+        for position, example in enumerate(self.examples):
+            size = self.length(example)
+            if row_tokens([size]) > self.capacity:
+                raise ValueError(
+                    f"Example {position} of the {self.name} dataset (in stream order) takes {row_tokens([size])} "
+                    f"tokens, more than "
+                    f"--packing_length {self.capacity}. Raise --packing_length, or lower --max_length to truncate "
+                    "examples."
+                )
+            window.append((example, size))
+            if len(window) == self.window_size:
+                yield from self._batches(held, generator)
+                held, window = window, []
+        yield from self._batches(held + window, generator)
+
+    def _batches(
+        self, window: list[tuple[dict[str, Any], Size]], generator: torch.Generator
+    ) -> Iterator[list[dict[str, Any]]]:
+        if not window:
+            return
+        sampler = PackedBatchSampler(
+            [size for _, size in window],
+            self.capacity,
+            rows_per_batch=self.rows_per_batch,
+            num_processes=self.num_processes,
+            shuffle=self.shuffle,
+            seed=int(torch.randint(2**31, (1,), generator=generator)),
+            window_size=len(window),
+        )
+        for batch in sampler:
+            yield [window[i][0] for i in batch]

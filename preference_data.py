@@ -23,8 +23,16 @@ prompt + replies    ``prompt``: string, ``chosen``/``rejected``: lists of assist
                     user message
 ==================  ==============================================================================================
 
-A message is a dict with a ``role`` (one of :data:`ROLES`) and a string ``content``. After the prompt is settled,
-each response must start and end with an assistant message.
+A message is a dict with a ``role`` (one of :data:`ROLES`) and a string ``content``; an assistant message that
+calls tools (``tool_calls``) may have no content. Tool-call conversations (assistant tool calls, ``tool`` turns, and
+TRL's ``tools`` column, which the chat template renders) are read as TRL reads them, whether the messages are stored
+as structs or with the ``datasets`` ``Json`` feature type (messages of mixed keys). After the prompt is settled, each
+response must start and end with an assistant message.
+
+Without a ``prompt`` column, ``chosen``/``rejected`` are an implicit-prompt pair. A text column that holds a prompt
+under another name (:data:`PROMPT_LIKE_COLUMNS`: ``question``, ``instruction``, ``system``, ...) would then be left
+out silently, so it is an error that names it and shows how to map it to ``prompt`` (orca_dpo_pairs' ``system`` +
+``question``, for example).
 
 Rules for rows (each tested in ``tests/test_bad_input.py``):
 
@@ -66,7 +74,20 @@ ACCEPTED_SCHEMAS = (
     "start)\n"
     "  Capybara:         prompt: string; chosen, rejected: whole conversations (from the first user turn)\n"
     "  prompt + replies: prompt: string; chosen, rejected: lists of assistant messages\n"
-    "A message is a dict {'role': one of " + ", ".join(ROLES) + ", 'content': string}."
+    "A message is a dict {'role': one of " + ", ".join(ROLES) + ", 'content': string}; an assistant message with "
+    "'tool_calls' may have no content."
+)
+# Column names that hold a prompt in public preference datasets that have no `prompt` column.
+PROMPT_LIKE_COLUMNS = (
+    "system",
+    "system_prompt",
+    "instruction",
+    "input",
+    "question",
+    "query",
+    "context",
+    "problem",
+    "history",
 )
 # At most this many row numbers are named in an error or a report.
 ROWS_NAMED = 5
@@ -81,8 +102,11 @@ def is_message_list(value: Any) -> bool:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _feature_kind(feature: Any) -> str:
-    """``TEXT``, ``MESSAGES`` or a short description of a ``datasets`` feature."""
+def _feature_kind(feature: Any) -> str | None:
+    """``TEXT``, ``MESSAGES`` or a short description of a ``datasets`` feature; ``None`` for a feature holding
+    ``Json`` values (messages whose keys differ, such as tool calls), whose kind only a value can tell."""
+    if type(feature).__name__ == "Json":
+        return None
     dtype = getattr(feature, "dtype", None)
     if type(feature).__name__ == "Value":
         return TEXT if dtype in ("string", "large_string") else ("null (no values)" if dtype == "null" else dtype)
@@ -94,7 +118,8 @@ def _feature_kind(feature: Any) -> str:
             return "list of from/value messages (ShareGPT)"
         return f"list of dicts with keys {sorted(inner)}"
     if inner is not None:
-        return f"list of {_feature_kind(inner)}"
+        inner_kind = _feature_kind(inner)
+        return None if inner_kind is None else f"list of {inner_kind}"
     return type(feature).__name__
 
 
@@ -114,9 +139,11 @@ def _first_row(dataset: Dataset | IterableDataset) -> dict[str, Any]:
 
 def _column_kinds(dataset: Dataset | IterableDataset) -> dict[str, str]:
     features = dataset.features
-    if features is not None:
-        return {name: _feature_kind(feature) for name, feature in features.items()}
-    return {name: _value_kind(value) for name, value in _first_row(dataset).items()}
+    kinds = {} if features is None else {name: _feature_kind(feature) for name, feature in features.items()}
+    if features is None or None in kinds.values():
+        row = _first_row(dataset)
+        kinds = {name: kinds.get(name) or _value_kind(value) for name, value in row.items()}
+    return kinds
 
 
 def detect_schema(dataset: Dataset | IterableDataset, dataset_name: str = "train") -> str:
@@ -124,6 +151,8 @@ def detect_schema(dataset: Dataset | IterableDataset, dataset_name: str = "train
     found and the schemas accepted otherwise."""
     kinds = _column_kinds(dataset)
     prompt, chosen, rejected = (kinds.get(name) for name in ("prompt", "chosen", "rejected"))
+    if prompt is None and chosen == rejected and chosen in (TEXT, MESSAGES):
+        _check_no_prompt_under_another_name(kinds, dataset_name)
     schema = None
     if chosen == rejected and chosen in (TEXT, MESSAGES):
         if prompt is None:
@@ -149,6 +178,31 @@ def detect_schema(dataset: Dataset | IterableDataset, dataset_name: str = "train
     raise ValueError(
         f"The {dataset_name} dataset is in none of the accepted preference schemas. Columns found: {found}.\n"
         f"Accepted schemas:\n{ACCEPTED_SCHEMAS}" + "".join(f"\n{hint}" for hint in hints)
+    )
+
+
+def _check_no_prompt_under_another_name(kinds: dict[str, str], dataset_name: str) -> None:
+    columns = [name for name in PROMPT_LIKE_COLUMNS if kinds.get(name) in (TEXT, MESSAGES)]
+    if not columns:
+        return
+    named = ", ".join(f"'{name}'" for name in columns)
+    if kinds["chosen"] == TEXT:
+        prompt = " + '\\n\\n' + ".join(f"row['{name}']" for name in columns)
+        responses = "strings holding the responses only (the standard schema)"
+    else:
+        prompt = ", ".join(
+            f"{{'role': '{'system' if name.startswith('system') else 'user'}', 'content': row['{name}']}}"
+            for name in columns
+        )
+        prompt = f"[{prompt}]"
+        responses = "the assistant messages after the prompt (the conversational schema)"
+    raise ValueError(
+        f"The {dataset_name} dataset has no 'prompt' column, so 'chosen' and 'rejected' would be read as an implicit "
+        f"prompt (the start they share), but it also has the text column(s) {named}, which no preference schema "
+        "reads: the prompt they hold would be left out of training. Map them to a 'prompt' column:\n"
+        f"  dataset = dataset.map(lambda row: {{'prompt': {prompt}}})\n"
+        f"with 'chosen' and 'rejected' {responses}. If they hold no part of the prompt, remove them: "
+        f"dataset = dataset.remove_columns([{named}])."
     )
 
 
@@ -179,6 +233,8 @@ def _messages_problem(value: Any, column: str) -> str | None:
         if role not in ROLES:
             return f"{column}[{number}] has role {role!r}, expected one of {', '.join(ROLES)}"
         if content is None:
+            if role == "assistant" and message.get("tool_calls"):
+                continue  # a tool call: the chat template renders `tool_calls`
             return f"{column}[{number}] ({role}) has no content (None)"
         if not isinstance(content, str):
             return f"{column}[{number}] ({role}) has content of type {type(content).__name__}, expected a string"

@@ -4,6 +4,11 @@ group of pairs that share a prompt.
 Only the computation of per-token log-probabilities changes. The collator adds the shared layout to TRL's standard
 batch; the model's forward (already given TRL's fused LM head) runs the shared layout and hands back its per-token
 outputs in the standard ``[chosen rows; rejected rows]`` layout, so TRL's losses, metrics and logging run unchanged.
+
+Mixture-of-experts models add the router load-balancing loss computed over the tokens the shared forward ran: with
+prefix sharing each prompt token counts once, where TRL's standard layout counts it twice (``router_aux_loss``).
+Models with token mixers that no attention mask governs (convolution, state-space, linear-attention layers) train on
+TRL's standard layout instead, with a warning (``shared_layout.SharedLayoutTrainer``).
 """
 
 import copy
@@ -12,8 +17,11 @@ import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 from accelerate.utils import is_peft_model
+from datasets import IterableDataset
 from transformers import PreTrainedModel
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import FusedCausalLMOutput
@@ -79,17 +87,37 @@ def add_shared_forward(model: PreTrainedModel) -> None:
                 "completion tokens: the batch was not built by PrefixSharingCollator from the same examples."
             )
 
-        with shared_backbone(self, shared_inputs) as layout:
+        router_logits: list = []
+        with shared_backbone(self, shared_inputs, router_logits) as layout:
             outputs = fused_forward(**layout, shift_labels=labels[:, 1:][score_mask].unsqueeze(0), **kwargs)
         per_token = {
             name: None if value is None else value.new_zeros(score_mask.shape).masked_scatter(score_mask, value[0])
             for name in PER_TOKEN_FIELDS
             for value in [getattr(outputs, name)]
         }
-        return FusedCausalLMOutput(loss=outputs.loss, label_mask=score_mask, aux_loss=outputs.aux_loss, **per_token)
+        loss, aux_loss = outputs.loss, outputs.aux_loss
+        if router_logits:
+            aux_loss = router_aux_loss(router_logits[0], self.config, shared_inputs["sequence_ids"] >= 0)
+            loss = loss + getattr(self.config.get_text_config(), "router_aux_loss_coef", 0.0) * aux_loss
+        return FusedCausalLMOutput(loss=loss, label_mask=score_mask, aux_loss=aux_loss, **per_token)
 
     model.forward = types.MethodType(forward, model)
     model._has_shared_forward = True
+
+
+def router_aux_loss(router_logits: tuple[torch.Tensor, ...], config, tokens: torch.Tensor) -> torch.Tensor:
+    """The router load-balancing loss TRL's fused head computes (Mixtral's, which every MoE family shares), over the
+    positions where ``tokens`` is True: the tokens a forward ran, padding excluded.
+
+    It is the Switch Transformer loss ``E * sum_e f_e * P_e`` (``f_e`` the share of top-k assignments to expert ``e``,
+    ``P_e`` its mean router probability, both over all layers and the given tokens). In the shared layout every
+    prompt token runs once, so it is that loss over ``prompt | chosen | rejected``; TRL's standard layout runs, and
+    counts, each prompt token twice. Packing without sharing runs the same tokens as TRL, so the value is TRL's.
+    """
+    text_config = config.get_text_config()
+    return load_balancing_loss_func(
+        router_logits, text_config.num_experts, text_config.num_experts_per_tok, tokens.to(router_logits[0].device)
+    )
 
 
 class PrefixDPOTrainer(SharedLayoutTrainer, DPOTrainer):
@@ -112,16 +140,9 @@ class PrefixDPOTrainer(SharedLayoutTrainer, DPOTrainer):
 
     def _use_shared_layout(self) -> None:
         """Installs the shared forward on the policy and reference model and extends TRL's collator (idempotent)."""
-        if not (self.shares_prefix or self.packs):
+        if not (self.shares_prefix or self.packs) or self._keeps_standard_layout():
             return
-        config = self.model.config
-        check_shared_layout_model(config)
-        if self.aux_loss_enabled:
-            raise ValueError(
-                f"{config.model_type} adds a router load-balancing loss computed over a padding mask, which the "
-                "shared layout does not have. Set --router_aux_loss_coef 0, or train without --prefix_sharing and "
-                "--enable_packing."
-            )
+        check_shared_layout_model(self.model.config)
         add_shared_forward(self.model.get_base_model() if is_peft_model(self.model) else self.model)
         if self.ref_model is not None:
             add_shared_forward(self.accelerator.unwrap_model(self.ref_model))
@@ -143,7 +164,7 @@ class PrefixDPOTrainer(SharedLayoutTrainer, DPOTrainer):
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # TRL precomputes inside its __init__, before this class's __init__ could install the shared layout.
         self._use_shared_layout()
-        if self.packs and self.args.precompute_ref_batch_size is None:
+        if self.packs and self.args.precompute_ref_batch_size is None and not isinstance(dataset, IterableDataset):
             # TRL batches examples in dataset order (its cache is per example); pack as many as fill the rows of a
             # batch, instead of padding one example to a whole row.
             stats = packing_statistics(self._example_lengths(dataset), self.args.packing_length)

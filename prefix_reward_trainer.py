@@ -100,7 +100,7 @@ class PrefixRewardTrainer(SharedLayoutTrainer, RewardTrainer):
 
     def _use_shared_layout(self) -> None:
         """Installs the shared forward on the model and extends TRL's collator (idempotent)."""
-        if not (self.shares_prefix or self.packs):
+        if not (self.shares_prefix or self.packs) or self._keeps_standard_layout():
             return
         check_shared_layout_model(self.model.config)
         add_shared_score_forward(self.model.get_base_model() if is_peft_model(self.model) else self.model)

@@ -5,8 +5,9 @@
 * :func:`shared_backbone`: runs a model's backbone once over a batch's shared layout (``collators.py``) under its
   attention mask, keeping only the hidden states at ``score_index``. Each trainer's forward puts its own head on them:
   TRL's fused LM head (DPO log-probs) or the sequence classifier's score head (rewards).
-* :class:`SharedLayoutTrainer`: what both trainers add to TRL's: attention-backend checks, the packing length, the
-  batch samplers (packed rows, groups of one prompt), dataloaders padded to a fixed row count, and token counters.
+* :class:`SharedLayoutTrainer`: what both trainers add to TRL's: attention-backend checks, the standard-layout
+  fallback of models with token mixers no mask governs, the packing length, the batch samplers (packed rows, groups of
+  one prompt), packed streams, dataloaders padded to a fixed row count, and token counters.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from datasets import Dataset, IterableDataset
+from torch.utils.data import DataLoader
 from torch.utils.weak import WeakIdKeyDictionary
 from transformers import PreTrainedModel, TrainingArguments
 from transformers.trainer_pt_utils import BatchRebalanceSampler
@@ -34,10 +36,11 @@ from collators import (
     attention_mask_for,
     attention_windows,
     layout_sizes,
+    unmasked_token_mixers,
     unsupported_backend_message,
 )
 from flex_compile_watchdog import FlexCompileWatchdog, listen_for_fallbacks
-from packing import PackedBatchSampler, Size, auto_packing_length, row_tokens
+from packing import PackedBatchSampler, PackedStream, Size, auto_packing_length, row_tokens
 
 
 @dataclass
@@ -66,7 +69,16 @@ class SharedLayoutArguments:
         default=None,
         metadata={
             "help": "Tokens per packed row: an integer, or `auto` (default): 1.1 x the 95th percentile of the "
-            "example lengths, rounded up to a multiple of 128, times 4, as the paper chose."
+            "example lengths, rounded up to a multiple of 128, times 4, as the paper chose. A streamed dataset needs "
+            "an integer."
+        },
+    )
+    packing_window: int = field(
+        default=4096,
+        metadata={
+            "help": "Examples packed together by best-fit decreasing: each epoch packs windows of this many shuffled "
+            "examples (so that row mates change between epochs); a streamed dataset is read and packed this many "
+            "examples at a time, holding at most twice as many."
         },
     )
     group_by_prompt: bool = field(
@@ -107,6 +119,8 @@ class SharedLayoutArguments:
             raise ValueError("--packing_length is only used with --enable_packing.")
         if self.enable_packing:
             self.packing_length = parse_packing_length(self.packing_length)
+            if self.packing_window < 1:
+                raise ValueError(f"--packing_window must be at least 1 example, got {self.packing_window}.")
         if self.group_by_prompt and not self.prefix_sharing:
             raise ValueError(
                 "--group_by_prompt batches the pairs of one prompt together so that they share it, which needs "
@@ -138,17 +152,25 @@ def cached_attention_mask(shared_inputs: dict[str, Any], config, dtype: torch.dt
 
 
 @contextlib.contextmanager
-def shared_backbone(model: PreTrainedModel, shared_inputs: dict[str, torch.Tensor]) -> Iterator[dict[str, Any]]:
+def shared_backbone(
+    model: PreTrainedModel, shared_inputs: dict[str, torch.Tensor], router_logits: list | None = None
+) -> Iterator[dict[str, Any]]:
     """Yields the inputs that run ``model``'s backbone on the shared layout; inside, the backbone's output keeps only
     the states at ``score_index``, as one row.
 
     Handing the head only those states (for DPO, aligned with TRL's ``shift_labels``) lets it score exactly the
     completion tokens, or the sequences' last tokens, on every device: the head never sees the prompt or padding.
+    Given a list, ``router_logits`` takes an MoE backbone's router logits out of its output: a head would weight them
+    by ``attention_mask``, here the layout's ``(rows, 1, L, L)`` mask, where the caller weights them by the tokens
+    that ran instead.
     """
     score_index = shared_inputs["score_index"]
 
     def gather_scored_states(module, inputs, output):
         output.last_hidden_state = output.last_hidden_state.flatten(0, 1)[score_index].unsqueeze(0)
+        if router_logits is not None and getattr(output, "router_logits", None) is not None:
+            router_logits.append(output.router_logits)
+            output.router_logits = None
         return output
 
     handle = model.base_model.register_forward_hook(gather_scored_states)
@@ -217,6 +239,34 @@ class RankBatches(BatchRebalanceSampler):
         return len(self.batches) // self.num_processes
 
 
+class BatchPerItem:
+    """``collate_fn`` for a DataLoader over a :class:`packing.PackedStream`, whose items are whole batches: the loader
+    takes one item at a time (``batch_size=1``, which accelerate's per-process sharding of a stream needs) and this
+    hands the item's examples to the collator."""
+
+    def __init__(self, collator) -> None:
+        self.collator = collator
+
+    def __call__(self, items: list[list[dict[str, Any]]]) -> dict[str, Any]:
+        (examples,) = items
+        return self.collator(examples)
+
+
+def _dispatch_per_process(args: TrainingArguments) -> None:
+    """With accelerate's ``dispatch_batches`` (its default for a streamed dataset, which TRL turns off only for a
+    streamed train set), process 0 collates every batch and then cuts each tensor of it to the per-process batch size
+    along the first dimension. ``shared_inputs`` are not one row per sequence (one row per example, group or packed
+    row, and a flat ``score_index``), so each process collates its own batches instead."""
+    if args.accelerator_config.dispatch_batches:
+        warnings.warn(
+            "dispatch_batches=True is turned off with --prefix_sharing or --enable_packing: accelerate would cut "
+            "the shared layout's tensors, which are not one row per sequence, to the batch size. Each process "
+            "collates its own batches instead.",
+            stacklevel=4,
+        )
+    args.accelerator_config.dispatch_batches = False
+
+
 class SharedLayoutTrainer:
     """Mixed into a TRL trainer (before it in the bases): the layout's samplers, dataloaders and counters.
 
@@ -232,8 +282,11 @@ class SharedLayoutTrainer:
         self.tokens_computed = 0
         self.tokens_standard = 0
         self.examples_trained = 0
+        self.standard_layout_reason: str | None = None
         if args is not None:
             self._check_attention_backend(models, args)
+            if getattr(args, "prefix_sharing", False) or getattr(args, "enable_packing", False):
+                _dispatch_per_process(args)
         listen_for_fallbacks()  # before TRL's __init__, which may already run a forward (DPO's precompute)
 
     def _finish_shared_layout(self) -> None:
@@ -255,15 +308,30 @@ class SharedLayoutTrainer:
 
     @property
     def shares_prefix(self) -> bool:
-        return bool(getattr(self.args, "prefix_sharing", False))
+        return bool(getattr(self.args, "prefix_sharing", False)) and self.standard_layout_reason is None
 
     @property
     def packs(self) -> bool:
-        return bool(getattr(self.args, "enable_packing", False))
+        return bool(getattr(self.args, "enable_packing", False)) and self.standard_layout_reason is None
 
     @property
     def groups(self) -> bool:
-        return bool(getattr(self.args, "group_by_prompt", False))
+        return bool(getattr(self.args, "group_by_prompt", False)) and self.standard_layout_reason is None
+
+    def _keeps_standard_layout(self) -> bool:
+        """True, with one warning, for a model whose token mixers no attention mask governs: it trains on TRL's
+        standard layout, exactly, and without the flags' savings."""
+        mixers = unmasked_token_mixers(self.model)
+        if mixers and self.standard_layout_reason is None:
+            self.standard_layout_reason = (
+                f"Model type '{self.model.config.model_type}' has {', '.join(repr(kind) for kind in mixers)} layers, "
+                "which mix tokens whatever the attention mask says (convolution, state-space or linear-attention "
+                "layers): in the shared or packed layout the chosen tokens would reach the rejected ones, and packed "
+                "examples each other. --prefix_sharing, --enable_packing and --group_by_prompt are off for this "
+                "model: it trains on TRL's standard layout, exactly, without their savings."
+            )
+            warnings.warn(self.standard_layout_reason, stacklevel=4)
+        return bool(mixers)
 
     @staticmethod
     def _check_attention_backend(models: Sequence[Any], args: TrainingArguments) -> None:
@@ -310,22 +378,26 @@ class SharedLayoutTrainer:
         """Tokens each example takes laid out alone (prompt counted once with prefix sharing, else twice)."""
         return [row_tokens([size]) for size in self._example_sizes(dataset)]
 
+    def _example_size(self, example: dict[str, Any]) -> Size:
+        """What one example of a stream takes in a row, laid out alone."""
+        return self._example_sizes({name: [value] for name, value in example.items()})[0]
+
     def _check_mapped(self) -> None:
         if isinstance(self.train_dataset, IterableDataset):
-            flag, plan = (
-                ("--enable_packing", "rows from every example's length")
-                if self.packs
-                else ("--group_by_prompt", "batches from every example's prompt")
-            )
             raise ValueError(
-                f"{flag} plans each epoch's {plan}, which a streamed dataset does not give up front. Drop "
-                f"--dataset_streaming or {flag}."
+                "--group_by_prompt plans each epoch's batches from every example's prompt, which a streamed dataset "
+                "does not give up front. Drop --dataset_streaming or --group_by_prompt."
             )
 
     def _resolve_packing_length(self) -> int:
-        self._check_mapped()
-        lengths = self._example_lengths(self.train_dataset)
+        if self.args.packing_length == "auto" and isinstance(self.train_dataset, IterableDataset):
+            raise ValueError(
+                "--packing_length auto is computed from every example's length, which a streamed dataset does not "
+                "give up front. Give a number of tokens, e.g. --packing_length 16384 (an example longer than it is "
+                "an error naming the example when it is read)."
+            )
         if self.args.packing_length == "auto":
+            lengths = self._example_lengths(self.train_dataset)
             self.args.packing_length, stats = auto_packing_length(lengths)
             self.accelerator.print(
                 f"--packing_length auto: {self.args.packing_length} tokens per row (1.1 x the 95th percentile "
@@ -339,6 +411,8 @@ class SharedLayoutTrainer:
         elif self.eval_dataset is not None:
             datasets["eval"] = self.eval_dataset
         for name, dataset in datasets.items():
+            if isinstance(dataset, IterableDataset):
+                continue  # PackedStream checks each example as it is read
             lengths = self._example_lengths(dataset)
             longest = max(range(len(lengths)), key=lengths.__getitem__)
             if lengths[longest] > self.args.packing_length:
@@ -369,6 +443,7 @@ class SharedLayoutTrainer:
             num_processes=self.args.world_size,
             shuffle=shuffle,
             seed=self.args.seed,
+            window_size=self.args.packing_window,
             prompts=prompts,
         )
         return RankBatches(batches, self.args.world_size, self.args.process_index)
@@ -383,17 +458,44 @@ class SharedLayoutTrainer:
             dataloader.set_sampler(batches.sampler)
         return dataloader
 
-    def _get_dataloader(self, dataset, description, batch_size, *args, **kwargs):
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, **kwargs):
         collator = self.data_collator
         if not isinstance(collator, SharedLayoutCollator):
-            return super()._get_dataloader(dataset, description, batch_size, *args, **kwargs)
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
         # Every batch of this loader gets `batch_size` rows, the short last one too: compiled attention then sees one
         # row count per loader instead of compiling again for the last batch.
         self.data_collator = dataclasses.replace(collator, batch_rows=batch_size)
         try:
-            return super()._get_dataloader(dataset, description, batch_size, *args, **kwargs)
+            if self.packs and isinstance(dataset, IterableDataset):
+                return self._packed_stream_loader(dataset, description, batch_size, is_training)
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
         finally:
             self.data_collator = collator
+
+    def _packed_stream_loader(self, dataset, description: str, rows: int, is_training: bool) -> DataLoader:
+        """A stream has no lengths up front, so no batch sampler: ``PackedStream`` packs it window by window and
+        yields every process's batches in turn, which accelerate deals out one per process (a multiple of the process
+        count per window, so every process takes the same number of steps)."""
+        stream = PackedStream(
+            dataset,
+            self._example_size,
+            self.args.packing_length,
+            rows_per_batch=rows,
+            num_processes=self.args.world_size,
+            window_size=self.args.packing_window,
+            shuffle=is_training,
+            seed=self.args.seed,
+            name="train" if is_training else "eval",
+        )
+        collator = self._get_collator_with_removed_columns(self.data_collator, description=description)
+        loader = DataLoader(
+            stream,
+            batch_size=1,
+            collate_fn=BatchPerItem(collator),
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
 
     def _get_train_sampler(self, train_dataset=None):
         if not (self.packs or self.groups):

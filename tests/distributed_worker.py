@@ -17,6 +17,8 @@ itself (the tokens of each chosen row), with the process's loss on it. Scenarios
   processes; they save and resume like them.
 * ``zero3_reference_model``/``zero3_precompute``: for DeepSpeed ZeRO-3. They also record the number of rows of every
   backbone forward: ``B`` rows is the prefix-shared layout of ``B`` examples, ``2B`` TRL's standard one.
+* ``streamed_packed``: a streamed train set, packed window by window (``packing.PackedStream``), for
+  ``STREAMED_STEPS`` steps: more than one epoch.
 * ``cli``: ``train_dpo.main`` on the command line arguments a user would give.
 """
 
@@ -47,6 +49,7 @@ PACKING_LENGTH = 144
 # epoch other than the first, whose order only a correctly set epoch reproduces.
 RESUME_STEPS_INTO_SECOND_EPOCH = 2
 COLLECTIVE_TIMEOUT = 60
+STREAMED_STEPS = 10
 
 
 def preference_data(num_examples: int = NUM_EXAMPLES) -> Dataset:
@@ -60,9 +63,9 @@ class RecordingTrainer(PrefixDPOTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.records: list[dict[str, Any]] = []
         super().__init__(*args, **kwargs)
-        columns = zip(self.train_dataset["prompt_ids"], self.train_dataset["chosen_ids"], strict=True)
-        self._index_of = {tuple(prompt + chosen): index for index, (prompt, chosen) in enumerate(columns)}
-        if len(self._index_of) != len(self.train_dataset):
+        examples = list(self.train_dataset)  # in dataset order, also when streamed
+        self._index_of = {tuple(e["prompt_ids"] + e["chosen_ids"]): index for index, e in enumerate(examples)}
+        if len(self._index_of) != len(examples):
             raise ValueError("Two examples share prompt and chosen response: they cannot be told apart.")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -192,6 +195,21 @@ def run_scenario(name: str, model_path: str, out_dir: Path) -> dict[str, Any]:
     return result
 
 
+def run_streamed(model_path: str, out_dir: Path) -> None:
+    """``streamed_packed``: each process records the dataset indices of every batch it trained on."""
+    from transformers import AutoModelForCausalLM
+
+    args = training_args(
+        out_dir / "streamed_packed", **PACKED, max_steps=STREAMED_STEPS, packing_window=NUM_EXAMPLES // 2
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    dataset = preference_data().to_iterable_dataset()
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=dataset, processing_class=load_tokenizer())
+    trainer.train()
+    result = {"world_size": args.world_size, "records": trainer.records}
+    (out_dir / f"streamed_packed.rank{args.process_index}.json").write_text(json.dumps(result))
+
+
 def run_cli(model_path: str, out_dir: Path) -> None:
     """``train_dpo.py`` as a user runs it (minus the launcher): a local model and a local .jsonl dataset."""
     from trl import ModelConfig, ScriptArguments, TrlParser
@@ -232,7 +250,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a saved tiny model with its tokenizer")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("scenarios", nargs="+", choices=[*SCENARIOS, *(s + RESUME_SUFFIX for s in SCENARIOS), "cli"])
+    choices = [*SCENARIOS, *(s + RESUME_SUFFIX for s in SCENARIOS), "cli", "streamed_packed"]
+    parser.add_argument("scenarios", nargs="+", choices=choices)
     cli = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     cli.out.mkdir(parents=True, exist_ok=True)
@@ -240,6 +259,8 @@ def main() -> None:
     for name in cli.scenarios:
         if name == "cli":
             run_cli(cli.model, cli.out)
+        elif name == "streamed_packed":
+            run_streamed(cli.model, cli.out)
         else:
             run_scenario(name, cli.model, cli.out)
         print(f"scenario {name} done", flush=True)

@@ -9,6 +9,7 @@ log-probs by only 6e-6, below the tolerance (see test_comparison_fails_on_a_wron
 """
 
 import copy
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -74,23 +75,28 @@ def make_trainers(
     packing_length: int | None = None,
     ours_attn_implementation: str | None = None,
     group_by_prompt: bool = False,
+    tokenizer=None,
     **config: Any,
 ) -> tuple[DPOTrainer, PrefixDPOTrainer]:
     """``reference``: "model" (an explicit reference model), "precompute" (precomputed reference log-probs) or
     "path" (policy given as a path: TRL loads the reference from it). ``packing_length`` packs our side, and
     ``group_by_prompt`` batches its pairs by prompt; ``ours_attn_implementation`` gives our side another attention
-    backend than TRL's (flex_attention on a GPU)."""
+    backend than TRL's (flex_attention on a GPU); flags TRL's config does not have go to our side only.
+    ``tokenizer`` defaults to the shipped one. The batch is the whole dataset unless ``per_device_train_batch_size``
+    says otherwise (a streamed dataset needs it)."""
     packing = {} if packing_length is None else {"enable_packing": True, "packing_length": str(packing_length)}
+    trl_fields = {field.name for field in dataclasses.fields(DPOConfig)}
+    ours_only = {key: config.pop(key) for key in list(config) if key not in trl_fields}  # e.g. packing_window
     overrides = {"initializer_range": CONTEXT_SENSITIVE_INIT, **(model_overrides or {})}
     policy = tiny_model(model_type, seed=0, **overrides)
     ref_model = perturbed_copy(policy)
     policy.set_attn_implementation(attn_implementation)
     ref_model.set_attn_implementation(attn_implementation)
-    tokenizer = load_tokenizer()
+    tokenizer = tokenizer or load_tokenizer()
     common = dict(
         report_to="none",
         bf16=False,
-        per_device_train_batch_size=len(dataset),
+        per_device_train_batch_size=config.pop("per_device_train_batch_size", None) or len(dataset),
         gradient_checkpointing=False,
         max_length=None,
         precompute_ref_log_probs=reference == "precompute",
@@ -103,7 +109,7 @@ def make_trainers(
         (
             PrefixDPOTrainer,
             PrefixDPOConfig,
-            {"prefix_sharing": prefix_sharing, "group_by_prompt": group_by_prompt, **packing},
+            {"prefix_sharing": prefix_sharing, "group_by_prompt": group_by_prompt, **packing, **ours_only},
         ),
     ):
         output_dir = str(tmp_path / trainer_cls.__name__) if tmp_path is not None else "/tmp/prefix-dpo-tests"
@@ -127,9 +133,11 @@ def make_trainers(
     return trainers[0], trainers[1]
 
 
-def train_step(trainer: DPOTrainer, batch_transform=None) -> StepResult:
-    """One loss + backward on the whole (tokenized) training set as a single batch, through the trainer's hooks."""
-    examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+def train_step(trainer: DPOTrainer, batch_transform=None, examples: list[dict[str, Any]] | None = None) -> StepResult:
+    """One loss + backward through the trainer's hooks on ``examples`` (tokenized) as a single batch; by default the
+    whole training set."""
+    if examples is None:
+        examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
     batch = trainer._prepare_inputs(trainer.data_collator(examples))  # onto the trainer's device
     if batch_transform is not None:
         batch = batch_transform(batch)

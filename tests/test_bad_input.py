@@ -140,6 +140,10 @@ def test_hoisting_shared_turns_keeps_the_sigmoid_loss_and_changes_the_metrics() 
     assert ours_step.metrics["logps/chosen"] > trl_step.metrics["logps/chosen"] + 1  # fewer tokens scored
 
 
+IMPLICIT_CONVERSATIONS = {
+    "chosen": [user("Sky colour?"), assistant("Blue.")],
+    "rejected": [user("Sky colour?"), assistant("Green.")],
+}
 UNKNOWN_SCHEMAS = {
     "sft-messages": ({"messages": [user("a"), assistant("b")]}, r"messages \(list of messages\).*language-modeling"),
     "unpaired-kto": ({"prompt": "a", "completion": "b", "label": True}, r"completion \(string\), label \(bool\)"),
@@ -172,6 +176,49 @@ def test_unknown_schema_raises_before_tokenization() -> None:
     dataset = Dataset.from_list([UNKNOWN_SCHEMAS["sft-messages"][0]])
     with pytest.raises(ValueError, match="none of the accepted preference schemas"):
         prepared(PrefixDPOTrainer, dataset)
+
+
+PROMPT_UNDER_ANOTHER_NAME = {
+    # orca_dpo_pairs: its responses share no start, so today's error would not name `question`
+    "orca-system-question": (
+        {"system": "You are brief.", "question": "Sky colour?", "chosen": "Blue.", "rejected": "Green."},
+        "'system', 'question'",
+        r"\{'prompt': row\['system'\] \+ '\\n\\n' \+ row\['question'\]\}",
+    ),
+    # responses that begin alike would silently train on "The sky is" as the prompt
+    "instruction-responses-begin-alike": (
+        {"instruction": "Name a colour.", "chosen": "The sky is blue.", "rejected": "The sky is green."},
+        "'instruction'",
+        r"\{'prompt': row\['instruction'\]\}",
+    ),
+    "system-beside-conversations": (
+        {"system": "Be brief.", **IMPLICIT_CONVERSATIONS},
+        "'system'",
+        r"\{'prompt': \[\{'role': 'system', 'content': row\['system'\]\}\]\}",
+    ),
+}
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["map-style", "streamed"])
+@pytest.mark.parametrize("case", list(PROMPT_UNDER_ANOTHER_NAME))
+def test_a_prompt_under_another_name_is_an_error_showing_the_mapping(case: str, streamed: bool) -> None:
+    row, names, mapping = PROMPT_UNDER_ANOTHER_NAME[case]
+    dataset = Dataset.from_list([row, row])
+    if streamed:
+        dataset = dataset.to_iterable_dataset()
+    message = rf"(?s)no 'prompt' column.*text column\(s\) {names}, which no preference schema reads.*{mapping}"
+    with pytest.raises(ValueError, match=message):
+        normalize_schema(dataset)
+
+
+def test_once_mapped_to_prompt_the_columns_are_kept_and_train_on_trl_tokens() -> None:
+    row, _, _ = PROMPT_UNDER_ANOTHER_NAME["orca-system-question"]
+    mapped = Dataset.from_list([row] * 2).map(lambda r: {"prompt": r["system"] + "\n\n" + r["question"]})
+    assert prepared(PrefixDPOTrainer, mapped).to_list() == prepared(DPOTrainer, mapped).to_list()
+
+
+def test_other_text_columns_beside_an_implicit_prompt_are_kept() -> None:
+    normalize_schema(Dataset.from_list([{"source": "forum", **IMPLICIT_CONVERSATIONS}]))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_gpu_check_smoke_runs_every_phase(tmp_path):
-    # A generous budget: the phases must finish on a loaded machine too; the smoke run takes under a minute on an idle machine.
+    # A generous budget: the phases must finish on a loaded machine too (alone, the smoke run takes under a minute).
     command = [sys.executable, "benchmark/gpu_check.py", "--smoke", "--output-dir", str(tmp_path)]
     done = subprocess.run(
         [*command, "--budget-seconds", "600"], cwd=ROOT, capture_output=True, text=True, timeout=900, check=False

@@ -6,8 +6,6 @@ from datasets import Dataset
 from dpo_harness import assert_same_step, conversational_rows, make_trainers, plain_text_rows, train_step
 
 from collators import shared_sequence_length
-from embedded import load_tokenizer, tiny_model
-from prefix_dpo_trainer import PrefixDPOConfig, PrefixDPOTrainer
 
 
 def packing_length_for(dataset: Dataset, prefix_sharing: bool) -> int:
@@ -99,21 +97,6 @@ def test_packed_evaluation(tmp_path):
     metrics = ours.evaluate(ours.train_dataset)
     assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
     assert 0 < metrics["eval_packing/efficiency"] <= 1 and metrics["eval_rewards/accuracies"] >= 0
-
-
-def test_packing_a_streamed_dataset_is_a_clear_error(tmp_path):
-    dataset = Dataset.from_list(plain_text_rows()).to_iterable_dataset()
-    args = PrefixDPOConfig(
-        output_dir=str(tmp_path), bf16=False, report_to="none", max_steps=1, enable_packing=True, packing_length="4096"
-    )
-    with pytest.raises(ValueError, match="--enable_packing plans each epoch's rows"):
-        PrefixDPOTrainer(
-            model=tiny_model("llama"),
-            ref_model=tiny_model("llama"),
-            args=args,
-            train_dataset=dataset,
-            processing_class=load_tokenizer(),
-        )
 
 
 def test_auto_packing_length(capsys):

@@ -23,6 +23,7 @@ FSDP needs GPUs (accelerate only enables it for GPU-like devices); its config is
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import signal
@@ -204,7 +205,7 @@ class Launched:
 def two_processes(tmp_path_factory, model_dir) -> Launched:
     """configs/ddp.yaml on 2 CPU processes. Packing goes last: should it fail, the other scenarios are kept."""
     out = tmp_path_factory.mktemp("two-processes")
-    scenarios = ["cli", "shared", "shared_resume", "packed", "packed_resume"]
+    scenarios = ["cli", "shared", "shared_resume", "packed", "packed_resume", "streamed_packed"]
     output = launch("ddp", 2, scenarios, model_dir, out)
     (out / "launch.log").write_text(output)
     return Launched(out, output, 2)
@@ -291,6 +292,22 @@ def test_every_example_once_per_epoch_on_two_processes(two_processes, scenario):
     for seen in epochs:
         assert sorted(seen) == list(range(worker.NUM_EXAMPLES))
     assert epochs[0] != epochs[1], "the second epoch repeated the order of the first: set_epoch did not arrive"
+
+
+def test_streamed_packing_on_two_processes(two_processes):
+    """A streamed train set packed on two processes: both take every step, and every example comes once per epoch
+    (an epoch ends on a step boundary, since each window is planned as a multiple of two batches)."""
+    ranks = two_processes.ranks("streamed_packed")
+    steps = by_step(ranks)
+    assert list(steps) == list(range(1, worker.STREAMED_STEPS + 1))
+    assert all(len(records) == 2 for records in steps.values())  # one micro-batch per process and step
+    seen = [index for records in steps.values() for record in records for index in record["examples"]]
+    assert len(seen) > worker.NUM_EXAMPLES, "fewer steps than an epoch: raise STREAMED_STEPS"
+    epoch_ends = list(itertools.accumulate(sum(len(r["examples"]) for r in records) for records in steps.values()))
+    assert worker.NUM_EXAMPLES in epoch_ends
+    first, second = seen[: worker.NUM_EXAMPLES], seen[worker.NUM_EXAMPLES :]
+    assert sorted(first) == list(range(worker.NUM_EXAMPLES))
+    assert len(set(second)) == len(second) and second != first[: len(second)]
 
 
 def assert_resumed_like_uninterrupted(uninterrupted: list[dict[str, Any]], resumed: list[dict[str, Any]]) -> None:
