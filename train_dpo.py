@@ -68,12 +68,8 @@ def embedded_model_path(output_dir: str) -> str:
     return str(path)
 
 
-def main(script_args: ScriptArguments, training_args: PrefixDPOConfig, model_args: ModelConfig) -> None:
-    model_name = model_args.model_name_or_path
-    if model_name is None:
-        # One process writes it; the others wait and read it.
-        with training_args.main_process_first(desc="writing the embedded model"):
-            model_name = embedded_model_path(training_args.output_dir)
+def set_model_init_kwargs(training_args, model_args: ModelConfig) -> None:
+    """The model flags, as TRL's scripts pass them to the trainer that loads the model (and the reference)."""
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
         "trust_remote_code": training_args.trust_remote_code,
@@ -82,20 +78,31 @@ def main(script_args: ScriptArguments, training_args: PrefixDPOConfig, model_arg
         **(training_args.model_init_kwargs or {}),
     }
 
-    dataset = load_preference_dataset(script_args)
-    eval_dataset = None
-    if training_args.eval_strategy != IntervalStrategy.NO:
-        if script_args.dataset_test_split in dataset:
-            eval_dataset = dataset[script_args.dataset_test_split]
-        else:
-            print(f"No '{script_args.dataset_test_split}' split in the dataset: evaluation is skipped.")
-            training_args.eval_strategy = IntervalStrategy.NO
 
+def eval_split(dataset: DatasetDict, script_args: ScriptArguments, training_args):
+    """The eval split when evaluation is asked for; a missing split (Capybara has none) is said, and evaluation off."""
+    if training_args.eval_strategy == IntervalStrategy.NO:
+        return None
+    if script_args.dataset_test_split not in dataset:
+        print(f"No '{script_args.dataset_test_split}' split in the dataset: evaluation is skipped.")
+        training_args.eval_strategy = IntervalStrategy.NO
+        return None
+    return dataset[script_args.dataset_test_split]
+
+
+def main(script_args: ScriptArguments, training_args: PrefixDPOConfig, model_args: ModelConfig) -> None:
+    model_name = model_args.model_name_or_path
+    if model_name is None:
+        # One process writes it; the others wait and read it.
+        with training_args.main_process_first(desc="writing the embedded model"):
+            model_name = embedded_model_path(training_args.output_dir)
+    set_model_init_kwargs(training_args, model_args)
+    dataset = load_preference_dataset(script_args)
     trainer = PrefixDPOTrainer(
         model=model_name,
         args=training_args,
         train_dataset=dataset[script_args.dataset_train_split],
-        eval_dataset=eval_dataset,
+        eval_dataset=eval_split(dataset, script_args, training_args),
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
     )

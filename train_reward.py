@@ -11,11 +11,10 @@ prefix sharing and `--group_by_prompt` (each prompt and each response runs once 
 import sys
 
 from datasets import DatasetDict
-from transformers.trainer_utils import IntervalStrategy
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from prefix_reward_trainer import PrefixRewardConfig, PrefixRewardTrainer
-from train_dpo import embedded_model_path, load_preference_dataset
+from train_dpo import embedded_model_path, eval_split, load_preference_dataset, set_model_init_kwargs
 
 DEMO_ARGS = [
     "--prefix_sharing",
@@ -52,28 +51,13 @@ def main(script_args: ScriptArguments, training_args: PrefixRewardConfig, model_
         # One process writes it; the others wait and read it. TRL puts a new score head on the causal LM.
         with training_args.main_process_first(desc="writing the embedded model"):
             model_name = embedded_model_path(training_args.output_dir)
-    training_args.model_init_kwargs = {
-        "revision": model_args.model_revision,
-        "trust_remote_code": training_args.trust_remote_code,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-        **(training_args.model_init_kwargs or {}),
-    }
-
+    set_model_init_kwargs(training_args, model_args)
     dataset = load_reward_dataset(script_args)
-    eval_dataset = None
-    if training_args.eval_strategy != IntervalStrategy.NO:
-        if script_args.dataset_test_split in dataset:
-            eval_dataset = dataset[script_args.dataset_test_split]
-        else:
-            print(f"No '{script_args.dataset_test_split}' split in the dataset: evaluation is skipped.")
-            training_args.eval_strategy = IntervalStrategy.NO
-
     trainer = PrefixRewardTrainer(
         model=model_name,
         args=training_args,
         train_dataset=dataset[script_args.dataset_train_split],
-        eval_dataset=eval_dataset,
+        eval_dataset=eval_split(dataset, script_args, training_args),
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
     )
