@@ -320,9 +320,10 @@ class SharedLayoutCollator:
     prompt, a response it already has), and consecutive pairs of one prompt kept in one row where they fit one
     (``packing.next_fit``): the packed batch sampler hands them over row by row. ``share_prompt=False``
     packs ``prompt+chosen`` and ``prompt+rejected`` as two documents (plain DPO packing). ``group_prompts=False`` lays
-    every pair out alone, as the paper does (the benchmark's pairwise baseline). ``batch_rows`` pads every layout to
-    that many rows, so that a short last batch compiles to no new shape; an unpacked batch whose pairs share rows is
-    padded to a power of two of its rows instead (at most ``batch_rows``). Examples must already fit ``max_length``.
+    every pair out alone, as the paper does (the benchmark's pairwise baseline). ``batch_rows`` is the loader's rows
+    per batch, which a packed batch never exceeds. ``static_rows`` (for compiled attention) pads every layout to that
+    many rows, so that a short last batch compiles to no new shape; an unpacked batch whose pairs share rows is padded
+    to a power of two of its rows instead (at most ``batch_rows``). Examples must already fit ``max_length``.
     """
 
     shared_pad_to_multiple_of: int | None = None
@@ -330,10 +331,11 @@ class SharedLayoutCollator:
     share_prompt: bool = True
     group_prompts: bool = True
     batch_rows: int | None = None
+    static_rows: bool = False
 
     def shared_inputs(self, examples: Sequence[dict[str, Sequence[int]]], score: Score) -> dict[str, torch.Tensor]:
         grouped = self.share_prompt and self.group_prompts
-        num_rows = self.batch_rows
+        num_rows = self.batch_rows if self.static_rows else None
         if self.packing_length is not None:
             sizes = layout_sizes(examples, self.share_prompt, self.group_prompts)
             prompts = [tuple(example["prompt_ids"]) for example in examples] if grouped else None

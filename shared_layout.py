@@ -360,14 +360,16 @@ class SharedLayoutTrainer:
                 f"{type(collator).__name__}. Leave `data_collator` unset."
             )
         packing_length = self._resolve_packing_length() if self.packs else None
-        # FlexAttention compiles once per shape: bucket unpacked rows to bound the number of shapes.
-        bucket = 128 if self.model.config._attn_implementation == "flex_attention" else collator.pad_to_multiple_of
+        # FlexAttention compiles once per shape: bucket unpacked lengths and keep every loader's row count fixed, to
+        # bound the number of shapes. Dense masks compile nothing, and padding would only cost them time.
+        compiled = self.model.config._attn_implementation == "flex_attention"
         fields = {f.name: getattr(collator, f.name) for f in dataclasses.fields(collator) if f.init}
         self.data_collator = shared(
             **fields,
-            shared_pad_to_multiple_of=bucket,
+            shared_pad_to_multiple_of=128 if compiled else collator.pad_to_multiple_of,
             packing_length=packing_length,
             share_prompt=self.shares_prefix,
+            static_rows=compiled,
         )
 
     def _example_sizes(self, dataset: Dataset) -> list[Size]:
@@ -462,8 +464,8 @@ class SharedLayoutTrainer:
         collator = self.data_collator
         if not isinstance(collator, SharedLayoutCollator):
             return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
-        # Every batch of this loader gets `batch_size` rows, the short last one too: compiled attention then sees one
-        # row count per loader instead of compiling again for the last batch.
+        # A batch of this loader never takes more than `batch_size` rows; with static rows it takes exactly that many,
+        # the short last one too, so that compiled attention sees one row count per loader.
         self.data_collator = dataclasses.replace(collator, batch_rows=batch_size)
         try:
             if self.packs and isinstance(dataset, IterableDataset):

@@ -28,6 +28,7 @@ def test_packed_batches_have_one_shape_short_last_batch_included(tmp_path):
     dataset = conversational_rows(9)
     length = packing_length_for(dataset, True)
     _, ours = make_trainers(dataset, packing_length=length, tmp_path=tmp_path)
+    ours.data_collator.static_rows = True  # what a flex_attention model gets (on CPU the trainer runs sdpa)
     ours.args.per_device_train_batch_size = ours._train_batch_size = 3
     ours.args.per_device_eval_batch_size = 2
     train = list(ours.get_train_dataloader())
@@ -43,6 +44,9 @@ def test_short_unpacked_batch_is_padded_with_empty_rows(tmp_path):
     dataset = Dataset.from_list(plain_text_rows() + again)
     _, ours = make_trainers(dataset, tmp_path=tmp_path)
     ours.args.per_device_train_batch_size = ours._train_batch_size = 4
+    assert not ours.data_collator.static_rows, "dense masks compile nothing: no padding rows for sdpa"
+    assert [len(batch["shared_inputs"]["input_ids"]) for batch in ours.get_train_dataloader()] == [4, 2]
+    ours.data_collator.static_rows = True  # what a flex_attention model gets (on CPU the trainer runs sdpa)
     batches = list(ours.get_train_dataloader())
     assert [len(batch["input_ids"]) // 2 for batch in batches] == [4, 2]
     assert {batch["shared_inputs"]["input_ids"].shape[0] for batch in batches} == {4}
@@ -57,7 +61,7 @@ def test_empty_rows_carry_no_loss(packed):
     length = packing_length_for(dataset, True) if packed else None
     trl_trainer, ours = make_trainers(dataset, packing_length=length)
     rows = ours.data_collator([ours.train_dataset[i] for i in range(len(dataset))])["shared_inputs"]["input_ids"]
-    ours.data_collator.batch_rows = len(rows) + 2
+    ours.data_collator.batch_rows, ours.data_collator.static_rows = len(rows) + 2, True
     step = train_step(ours)
     assert step.batch["shared_inputs"]["input_ids"].shape[0] == len(rows) + 2
     assert_same_step(step, train_step(trl_trainer))
@@ -134,7 +138,7 @@ def test_grouped_unpacked_batch_is_padded_to_a_power_of_two_of_its_rows():
     """Pairs of one prompt share a row: padding to the loader's batch size in pairs would be mostly empty rows."""
     example = {"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [3, 4]}
     others = [{**example, "prompt_ids": [5, 6, n]} for n in (10, 11)]
-    collator = PrefixSharingCollator(pad_token_id=0, batch_rows=8)
+    collator = PrefixSharingCollator(pad_token_id=0, batch_rows=8, static_rows=True)
     shapes = [
         collator(examples)["shared_inputs"]["input_ids"].shape[0]
         for examples in ([example] * 8, [example] * 6 + others[:1], [example] * 5 + others)
