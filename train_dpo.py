@@ -68,8 +68,14 @@ def embedded_model_path(output_dir: str) -> str:
     return str(path)
 
 
-def set_model_init_kwargs(training_args, model_args: ModelConfig) -> None:
-    """The model flags, as TRL's scripts pass them to the trainer that loads the model (and the reference)."""
+def model_to_load(training_args, model_args: ModelConfig) -> str:
+    """The model's name or path (the embedded demo model when none is given), with the model flags set as TRL's
+    scripts pass them to the trainer that loads the model (and the reference)."""
+    model_name = model_args.model_name_or_path
+    if model_name is None:
+        # One process writes it; the others wait and read it.
+        with training_args.main_process_first(desc="writing the embedded model"):
+            model_name = embedded_model_path(training_args.output_dir)
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
         "trust_remote_code": training_args.trust_remote_code,
@@ -77,6 +83,7 @@ def set_model_init_kwargs(training_args, model_args: ModelConfig) -> None:
         "dtype": model_args.dtype,
         **(training_args.model_init_kwargs or {}),
     }
+    return model_name
 
 
 def eval_split(dataset: DatasetDict, script_args: ScriptArguments, training_args):
@@ -91,15 +98,9 @@ def eval_split(dataset: DatasetDict, script_args: ScriptArguments, training_args
 
 
 def main(script_args: ScriptArguments, training_args: PrefixDPOConfig, model_args: ModelConfig) -> None:
-    model_name = model_args.model_name_or_path
-    if model_name is None:
-        # One process writes it; the others wait and read it.
-        with training_args.main_process_first(desc="writing the embedded model"):
-            model_name = embedded_model_path(training_args.output_dir)
-    set_model_init_kwargs(training_args, model_args)
     dataset = load_preference_dataset(script_args)
     trainer = PrefixDPOTrainer(
-        model=model_name,
+        model=model_to_load(training_args, model_args),
         args=training_args,
         train_dataset=dataset[script_args.dataset_train_split],
         eval_dataset=eval_split(dataset, script_args, training_args),

@@ -14,7 +14,7 @@ from datasets import DatasetDict
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from prefix_reward_trainer import PrefixRewardConfig, PrefixRewardTrainer
-from train_dpo import embedded_model_path, eval_split, load_preference_dataset, set_model_init_kwargs
+from train_dpo import eval_split, load_preference_dataset, model_to_load
 
 DEMO_ARGS = [
     "--prefix_sharing",
@@ -46,15 +46,9 @@ def load_reward_dataset(script_args: ScriptArguments) -> DatasetDict:
 
 
 def main(script_args: ScriptArguments, training_args: PrefixRewardConfig, model_args: ModelConfig) -> None:
-    model_name = model_args.model_name_or_path
-    if model_name is None:
-        # One process writes it; the others wait and read it. TRL puts a new score head on the causal LM.
-        with training_args.main_process_first(desc="writing the embedded model"):
-            model_name = embedded_model_path(training_args.output_dir)
-    set_model_init_kwargs(training_args, model_args)
     dataset = load_reward_dataset(script_args)
     trainer = PrefixRewardTrainer(
-        model=model_name,
+        model=model_to_load(training_args, model_args),  # the embedded demo model: TRL puts a score head on it
         args=training_args,
         train_dataset=dataset[script_args.dataset_train_split],
         eval_dataset=eval_split(dataset, script_args, training_args),
