@@ -6,7 +6,7 @@ chosen ones and their positions restart after the prompt::
 
     tokens     p0 p1 p2 c0 c1 r0 r1 r2          query \\ key  p0 p1 p2 c0 c1 r0 r1 r2
     positions   0  1  2  3  4  3  4  5              p0        x
-    branch      0  0  0  1  1  2  2  2              p1        x  x
+    subtree end 8  8  8  5  5  8  8  8              p1        x  x
                                                     p2        x  x  x
     next-token log-probs are read at:               c0        x  x  x  x
       c0 <- p2   c1 <- c0                           c1        x  x  x  x  x
@@ -25,7 +25,7 @@ prompt, ``(a, b)``, ``(a, c)`` and ``(c, b)`` (chosen first), take three respons
 
     tokens     p0 p1 a0 a1 b0 c0 c1 c2          query \\ key  p0 p1 a0 a1 b0 c0 c1 c2
     positions   0  1  2  3  2  2  3  4              p0        x
-    branch      0  0  1  1  2  3  3  3              p1        x  x
+    subtree end 8  8  4  4  5  8  8  8              p1        x  x
                                                     a0        x  x  x
     pair (a, b): a0 <- p1  a1 <- a0   b0 <- p1      a1        x  x  x  x
     pair (a, c): a0 <- p1  a1 <- a0   c0 <- p1 ...  b0        x  x  .  .  x
@@ -35,8 +35,11 @@ prompt, ``(a, b)``, ``(a, c)`` and ``(c, b)`` (chosen first), take three respons
 
 The states of ``a`` are read twice, once for each pair that holds it; TRL's batch still has one chosen and one
 rejected row per pair. A pair alone is the group of one pair (chosen branch 1, rejected branch 2), so one function lays
-out both, and one mask rule covers both: a key is seen if it is in the query's document, not after it, and in the
-prompt or in the query's own branch (and, for sliding-window layers, within the window in position space).
+out both, and one mask rule covers both. The layout is a tree laid out depth-first (the prompt, then each response),
+and every token carries its *subtree end*: the end of the span of the row that descends from it, the document's end
+for a prompt token, its own response's end for a response token. A key is seen by a query iff it is not after the
+query and the query lies before the key's subtree end (and, for sliding-window layers, within the window in position
+space): one comparison per pair, and whole blocks of the mask decided from their extremes (``block_mask``).
 
 The collators emit TRL's own standard batch (DPO: ``input_ids``, ``attention_mask``, ``completion_mask`` laid out as
 ``[chosen rows; rejected rows]``; reward models: ``input_ids``, ``attention_mask``, ``margin``) so that TRL's loss and
@@ -47,11 +50,10 @@ reward model, for each standard sequence, the state of its last token that is no
 classifier reads the reward. A reward pair is split into prompt and responses at the common token prefix of its chosen
 and rejected sequences.
 
-The masks themselves are built on the device, in the forward, from ``sequence_ids``/``branch_ids``/``position_ids``:
+The masks themselves are built on the device, in the forward, from ``subtree_end``/``position_ids``:
 the collator may run in dataloader workers, and a ``BlockMask`` (which holds a closure) cannot be pickled.
 """
 
-import functools
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -183,48 +185,51 @@ def split_common_prefixes(examples: Sequence[dict[str, Any]]) -> list[dict[str, 
 def _lay_out_row(
     examples: Sequence[dict[str, Sequence[int]]], row: Sequence[int], share_prompt: bool, group_prompts: bool
 ) -> tuple[list[int], list[int], list[int], list[int], dict[tuple[int, str], tuple[int, int]]]:
-    """One row's ids, positions, documents and branches, and where each example's sequences lie in it: for every
+    """One row's ids, positions, documents and subtree ends, and where each example's sequences lie in it: for every
     (example, response column), the row offsets of the prompt copy and of the response that make the sequence."""
     ids: list[int] = []
     positions: list[int] = []
     sequences: list[int] = []
-    branches: list[int] = []
+    ends: list[int] = []
     spans: dict[tuple[int, str], tuple[int, int]] = {}
 
-    def append(tokens: Sequence[int], first_position: int, document: int, branch: int) -> int:
+    def append(tokens: Sequence[int], first_position: int, document: int) -> int:
         start = len(ids)
         ids.extend(tokens)
         positions.extend(range(first_position, first_position + len(tokens)))
         sequences.extend([document] * len(tokens))
-        branches.extend([branch] * len(tokens))
+        ends.extend([len(ids)] * len(tokens))  # a response is seen up to its own end
         return start
+
+    def close(start: int, prompt_length: int) -> None:
+        """A document is done: its prompt is seen up to the document's end."""
+        ends[start : start + prompt_length] = [len(ids)] * prompt_length
 
     if not share_prompt:
         for document, index in enumerate(row):
             prompt = examples[index]["prompt_ids"]
             for number, column in enumerate(RESPONSES):
-                prompt_at = append(prompt, 0, 2 * document + number, PROMPT)
-                spans[index, column] = (
-                    prompt_at,
-                    append(examples[index][column], len(prompt), 2 * document + number, PROMPT),
-                )
-        return ids, positions, sequences, branches, spans
+                prompt_at = append(prompt, 0, 2 * document + number)
+                spans[index, column] = (prompt_at, append(examples[index][column], len(prompt), 2 * document + number))
+                close(prompt_at, len(prompt))
+        return ids, positions, sequences, ends, spans
 
     groups: dict[Hashable, list[int]] = {}
     for index in row:
         groups.setdefault(tuple(examples[index]["prompt_ids"]) if group_prompts else index, []).append(index)
     for document, members in enumerate(groups.values()):
         prompt = examples[members[0]]["prompt_ids"]
-        prompt_at = append(prompt, 0, document, PROMPT)
+        prompt_at = append(prompt, 0, document)
         response_at: dict[Hashable, int] = {}
         for index in members:
             for column in RESPONSES:
                 response = examples[index][column]
                 key = tuple(response) if group_prompts else column
                 if key not in response_at:
-                    response_at[key] = append(response, len(prompt), document, len(response_at) + 1)
+                    response_at[key] = append(response, len(prompt), document)
                 spans[index, column] = (prompt_at, response_at[key])
-    return ids, positions, sequences, branches, spans
+        close(prompt_at, len(prompt))
+    return ids, positions, sequences, ends, spans
 
 
 def build_shared_inputs(
@@ -242,7 +247,9 @@ def build_shared_inputs(
     forward.
 
     Returns ``input_ids``, ``position_ids``, ``sequence_ids`` (document index in its row, -1 for padding) and
-    ``branch_ids`` (0 prompt, 1..K the responses of a document), all ``(num_rows, length)``, and ``score_index``: the
+    ``subtree_end`` (for each token, the end of the span of the row that sees it: its document's end for a prompt
+    token, its response's end for a response token, the next index for padding), all ``(num_rows, length)``, and
+    ``score_index``: the
     flat indices of the hidden states to score, for the chosen sequences of all examples in the order of ``examples``,
     then the rejected ones, matching TRL's ``[chosen rows; rejected rows]`` batch. ``score="next_token"``: for every
     completion token, the state that predicts it; ``"last_token"``: for every sequence, the state of its last token
@@ -257,8 +264,8 @@ def build_shared_inputs(
     ([[0, 1, 2, 3, 4, 3, 4]], [2, 3, 2, 5])
     >>> second = {"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [1]}
     >>> shared = build_shared_inputs([example, second], [[0, 1]], 0)
-    >>> shared["branch_ids"].tolist(), shared["score_index"].tolist()
-    ([[0, 0, 0, 1, 1, 2, 2, 3]], [2, 3, 2, 3, 2, 5, 2])
+    >>> shared["subtree_end"].tolist(), shared["score_index"].tolist()
+    ([[8, 8, 8, 5, 5, 7, 7, 8]], [2, 3, 2, 3, 2, 5, 2])
     """
     placed = sorted(index for row in rows for index in row)
     if placed != list(range(len(examples))):
@@ -274,15 +281,16 @@ def build_shared_inputs(
     elif natural > length:
         raise ValueError(f"A row needs {natural} tokens but the layout length is {length}.")
 
-    input_ids, position_ids, sequence_ids, branch_ids = [], [], [], []
+    input_ids, position_ids, sequence_ids, subtree_end = [], [], [], []
     spans: dict[tuple[int, str], tuple[int, int]] = {}
-    for row_number, (ids, positions, sequences, branches, row_spans) in enumerate(laid_out):
+    for row_number, (ids, positions, sequences, ends, row_spans) in enumerate(laid_out):
         padding = length - len(ids)
         input_ids.append(ids + [pad_token_id] * padding)
         # Padding continues the positions so that no position exceeds the model's range more than a real token does.
         position_ids.append(positions + list(range(padding)))
         sequence_ids.append(sequences + [PADDING_SEQUENCE] * padding)
-        branch_ids.append(branches + [PROMPT] * padding)
+        # A padding token sees itself only: no real token sees it, and its attention row is never empty.
+        subtree_end.append(ends + list(range(len(ids) + 1, length + 1)))
         offset = row_number * length
         spans.update({key: (offset + at, offset + response) for key, (at, response) in row_spans.items()})
 
@@ -304,7 +312,7 @@ def build_shared_inputs(
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "position_ids": torch.tensor(position_ids, dtype=torch.long),
         "sequence_ids": torch.tensor(sequence_ids, dtype=torch.long),
-        "branch_ids": torch.tensor(branch_ids, dtype=torch.long),
+        "subtree_end": torch.tensor(subtree_end, dtype=torch.long),
         "score_index": torch.tensor(score_index, dtype=torch.long),
     }
 
@@ -445,18 +453,11 @@ def unmasked_token_mixers(model: torch.nn.Module) -> list[str]:
 
 
 def _allowed(
-    sequence: torch.Tensor,
-    branch: torch.Tensor,
-    position: torch.Tensor,
-    window: int | torch.Tensor | None,
-    batch,
-    query,
-    key,
+    subtree_end: torch.Tensor, position: torch.Tensor, window: int | torch.Tensor | None, batch, query, key
 ) -> torch.Tensor:
-    same_document = sequence[batch, query] == sequence[batch, key]
-    # Keys from the prompt are seen by both branches; chosen and rejected keys only by their own branch.
-    same_branch = (branch[batch, key] == PROMPT) | (branch[batch, key] == branch[batch, query])
-    allowed = same_document & (key <= query) & same_branch
+    # Keys come before their queries, and a key is seen by the span of the row that starts at it and ends at its
+    # subtree's end: a prompt token by the rest of its document, a response token by the rest of its own response.
+    allowed = (key <= query) & (query < subtree_end[batch, key])
     if window is not None:
         # Subtract on the query side only, so a dense mask never holds an (L, L) integer tensor.
         allowed = allowed & (position[batch, key] > position[batch, query] - window)
@@ -470,45 +471,123 @@ def dense_mask(shared: dict[str, torch.Tensor], window: int | None = None) -> to
     batch = torch.arange(rows, device=device)[:, None, None]
     query = torch.arange(length, device=device)[None, :, None]
     key = torch.arange(length, device=device)[None, None, :]
-    ids = shared["sequence_ids"], shared["branch_ids"], shared["position_ids"]
-    return _allowed(*ids, window, batch, query, key)[:, None]
+    return _allowed(shared["subtree_end"], shared["position_ids"], window, batch, query, key)[:, None]
 
 
 # Full attention, for FlexAttention, as a window no position difference reaches: every layer kind of a model then
 # runs the same mask_mod code on tensors of the same shapes, so they share one compiled kernel instead of one each.
 FULL_ATTENTION_WINDOW = 2**40
+# FlexAttention's default sparse block (create_block_mask's), in tokens along queries and keys.
+BLOCK = 128
+# Blocks whose window test is evaluated token by token at once (each 128 x 128): bounds the builder's memory.
+BLOCKS_PER_CHUNK = 256
 
 
-def _mask_mod(sequence: torch.Tensor, branch: torch.Tensor, position: torch.Tensor, window: torch.Tensor):
-    # The closure holds these four tensors and nothing else: dynamo guards on what a mask_mod captures, so a captured
+def _mask_mod(subtree_end: torch.Tensor, position: torch.Tensor, window: torch.Tensor):
+    # The closure holds these three tensors and nothing else: dynamo guards on what a mask_mod captures, so a captured
     # container that changes later (a dict gaining a key) would recompile flex_attention on every forward.
     def mask_mod(batch, head, query, key):
-        return _allowed(sequence, branch, position, window, batch, query, key)
+        return _allowed(subtree_end, position, window, batch, query, key)
 
     return mask_mod
 
 
-@functools.cache
-def _compiled_create_block_mask():
-    from torch.nn.attention.flex_attention import create_block_mask
+def _per_block(values: torch.Tensor, fill: int, reduce: str) -> torch.Tensor:
+    """``(rows, length)`` -> ``(rows, blocks)``: the min or max of each block's tokens; ``fill`` pads the last."""
+    rows, length = values.shape
+    padded = torch.nn.functional.pad(values, (0, round_up(length, BLOCK) - length), value=fill)
+    blocks = padded.view(rows, -1, BLOCK)
+    return blocks.amin(-1) if reduce == "min" else blocks.amax(-1)
 
-    return torch.compile(create_block_mask)
+
+def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``(rows, q_blocks, kv_blocks)`` block selection as BlockMask's counts and indices (selected blocks first,
+    in increasing order), with the head dimension of one."""
+    counts = blocks.sum(-1, dtype=torch.int32)
+    indices = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return counts[:, None].contiguous(), indices[:, None].contiguous()
+
+
+def _windowed_counts(
+    shared: dict[str, torch.Tensor], window: int, blocks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``blocks`` (``(n, 3)``: row, query block, key block), whether any and whether every query-key pair of
+    the block is allowed, evaluated token by token, a bounded number of blocks at a time."""
+    subtree_end, position = shared["subtree_end"], shared["position_ids"]
+    length = subtree_end.shape[1]
+    offsets = torch.arange(BLOCK, device=subtree_end.device)
+    any_allowed, all_allowed = [], []
+    for chunk in blocks.split(BLOCKS_PER_CHUNK):
+        batch = chunk[:, 0, None, None]
+        query = chunk[:, 1, None, None] * BLOCK + offsets[None, :, None]
+        key = chunk[:, 2, None, None] * BLOCK + offsets[None, None, :]
+        inside = (query < length) & (key < length)  # create_block_mask pads the last block with masked pairs
+        allowed = inside & _allowed(
+            subtree_end, position, window, batch, query.clamp(max=length - 1), key.clamp(max=length - 1)
+        )
+        any_allowed.append(allowed.flatten(1).any(1))
+        all_allowed.append(allowed.flatten(1).all(1))
+    return torch.cat(any_allowed), torch.cat(all_allowed)
 
 
 def block_mask(shared: dict[str, torch.Tensor], window: int | None = None):
-    """The same mask as a FlexAttention ``BlockMask``: blocks where rejected queries meet chosen keys are skipped.
+    """The same mask as a FlexAttention ``BlockMask``, equal to ``create_block_mask``'s (the same full, partial and
+    empty blocks), built from the layout in closed form instead: nothing is compiled, so no length costs a compile
+    (``torch.compile(create_block_mask)`` takes minutes at some static lengths, pytorch#182060), and neither the
+    ``length x length`` mask nor its block sums are ever materialized.
 
-    On CUDA the block mask is built by a compiled ``create_block_mask``, which never materializes the
-    ``length x length`` mask (a packed row of 16k tokens would take 256 MiB per row).
+    Without a window a block is decided by its tokens' extremes. Query block ``j`` and an earlier key block ``i``:
+    some pair is allowed iff a key's subtree reaches past the query block's start (``max subtree_end > 128 j``);
+    every pair iff every key's subtree covers the whole query block (``min subtree_end >= 128 (j + 1)``, and neither
+    block runs past the row's end). The diagonal block always holds allowed pairs (each token sees itself) and never
+    only those; later key blocks none. A sliding window (in position space) keeps a full block full when its
+    positions are all within it and empties a block when none are; the blocks between are checked token by token.
+    Blocks where rejected queries meet chosen keys, and packed documents meet each other, are skipped.
     """
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import BlockMask
 
-    rows, length = shared["input_ids"].shape
-    device = shared["input_ids"].device
+    subtree_end, position = shared["subtree_end"], shared["position_ids"]
+    rows, length = subtree_end.shape
+    device = subtree_end.device
+    block = torch.arange(-(-length // BLOCK), device=device)
+    query_block, key_block = block[None, :, None], block[None, None, :]
+    query_start = query_block * BLOCK
+    whole = (block + 1) * BLOCK <= length
+    earlier = key_block < query_block
+    reaches = _per_block(subtree_end, -1, "max")[:, None, :] > query_start
+    covers = _per_block(subtree_end, length + 1, "min")[:, None, :] >= query_start + BLOCK
+    some = (earlier & reaches) | (key_block == query_block)
+    every = earlier & covers & whole[None, :, None] & whole[None, None, :]
+    if window is not None:
+        # Positions per block: the query block's highest against the key block's lowest, and the reverse.
+        key_low = _per_block(position, 2**62, "min")[:, None, :]
+        key_high = _per_block(position, -(2**62), "max")[:, None, :]
+        query_low = _per_block(position, 2**62, "min")[:, :, None]
+        query_high = _per_block(position, -(2**62), "max")[:, :, None]
+        inside_window = query_high - key_low < window
+        outside_window = query_low - key_high >= window
+        undecided = some & ~outside_window & ~(every & inside_window)
+        some = some & ~outside_window
+        every = every & inside_window
+        blocks = undecided.nonzero()
+        if len(blocks):
+            any_allowed, all_allowed = _windowed_counts(shared, window, blocks)
+            rows_at, query_at, key_at = blocks.unbind(1)
+            some[rows_at, query_at, key_at] = any_allowed
+            every[rows_at, query_at, key_at] = all_allowed
+    partial = some & ~every
+    kv_num_blocks, kv_indices = _ordered(partial)
+    full_kv_num_blocks, full_kv_indices = _ordered(every)
     window_tensor = torch.tensor(FULL_ATTENTION_WINDOW if window is None else window, device=device)
-    mask_mod = _mask_mod(shared["sequence_ids"], shared["branch_ids"], shared["position_ids"], window_tensor)
-    build = _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
-    return build(mask_mod, rows, None, length, length, device=device)
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks,
+        kv_indices,
+        full_kv_num_blocks,
+        full_kv_indices,
+        BLOCK_SIZE=BLOCK,
+        mask_mod=_mask_mod(subtree_end, position, window_tensor),
+        seq_lengths=(length, length),
+    )
 
 
 def attention_mask_for(

@@ -37,10 +37,25 @@ def example(prompt: int, chosen: int, rejected: int, first_id: int = 10) -> dict
     }
 
 
+def branch_numbers(sequences: list[int], ends: list[int]) -> list[int]:
+    """Per position: 0 in a prompt, then 1, 2, ... for the responses of its document in order. The layout gives each
+    response its own subtree end; the prompt's is its document's end, which the last response shares."""
+    numbers: list[int] = []
+    for at, (sequence, end) in enumerate(zip(sequences, ends, strict=True)):
+        same_document = at > 0 and sequences[at - 1] == sequence
+        if not same_document:
+            numbers.append(PROMPT)
+        elif end != ends[at - 1]:
+            numbers.append(numbers[-1] + 1)
+        else:
+            numbers.append(numbers[-1])
+    return numbers
+
+
 def token_labels(shared: dict, row: int) -> tuple[list[str], list[str]]:
     """Per position: the token's name (document letter + segment + index) and its color."""
     sequences = shared["sequence_ids"][row].tolist()
-    branches = shared["branch_ids"][row].tolist()
+    branches = branch_numbers(sequences, shared["subtree_end"][row].tolist())
     several = len(set(sequences) - {-1}) > 1
     names, colors = [], []
     counts: dict[tuple[int, int], int] = {}

@@ -18,6 +18,7 @@ import torch
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
+import collators
 from embedded import load_tokenizer, make_preference_dataset, tiny_model
 from preference_data import normalize_schema
 from prefix_dpo_trainer import PrefixDPOConfig, PrefixDPOTrainer
@@ -188,3 +189,14 @@ def assert_flex_forward_matches(trl_trainer: DPOTrainer, ours: PrefixDPOTrainer,
         )
     assert relative_error(ours_chosen, trl_chosen) <= rtol
     assert relative_error(ours_rejected, trl_rejected) <= rtol
+
+
+def responses_per_document(shared: dict[str, torch.Tensor]) -> int:
+    """The most responses one document of a layout holds: each response ends its own subtree, and the prompt's
+    subtree ends with the last response."""
+    counts = [
+        len(set(ends[sequences == document].tolist()))
+        for sequences, ends in zip(shared["sequence_ids"], shared["subtree_end"], strict=True)
+        for document in set(sequences.tolist()) - {collators.PADDING_SEQUENCE}
+    ]
+    return max(counts)

@@ -5,8 +5,8 @@ relative error of 1e-5. The mutation tests at the end show that these comparison
 are wrong.
 """
 
+import mutations
 import pytest
-import torch
 from datasets import Dataset
 from dpo_harness import (
     assert_flex_forward_matches,
@@ -17,8 +17,6 @@ from dpo_harness import (
     relative_error,
     train_step,
 )
-
-import collators
 
 LOSS_TYPES = [
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
@@ -99,25 +97,15 @@ def test_flex_attention_forward(model_type, overrides, fresh_compiler):
     assert_flex_forward_matches(trl_trainer, ours)
 
 
-def _rejected_sees_chosen(sequence, branch, position, window, batch, query, key):
-    return (sequence[batch, query] == sequence[batch, key]) & (key <= query)
-
-
-def _positions_continue(batch):
-    shared = batch["shared_inputs"]
-    shared["position_ids"] = torch.arange(shared["position_ids"].shape[1]).expand_as(shared["position_ids"])
-    return batch
-
-
 @pytest.mark.parametrize("mutation", ["rejected_sees_chosen", "positions_continue"])
 def test_comparison_fails_on_a_wrong_layout(mutation, monkeypatch):
     """The exactness comparison must catch the two ways prefix sharing can go wrong."""
     trl_trainer, ours = make_trainers(conversational_rows())
     transform = None
     if mutation == "rejected_sees_chosen":
-        monkeypatch.setattr(collators, "_allowed", _rejected_sees_chosen)
+        mutations.responses_see_each_other(monkeypatch)
     else:
-        transform = _positions_continue
+        transform = mutations.positions_continue
     ours_step, trl_step = train_step(ours, transform), train_step(trl_trainer)
     assert relative_error(ours_step.chosen_logps, trl_step.chosen_logps) <= 1e-5  # chosen rows are untouched
     assert relative_error(ours_step.rejected_logps, trl_step.rejected_logps) > 1e-3

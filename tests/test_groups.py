@@ -6,6 +6,7 @@ response appears in K - 1 pairs. The mutation tests show the comparison fails wh
 of its group, or when a response's positions do not restart after the prompt.
 """
 
+import mutations
 import pytest
 import torch
 from datasets import Dataset
@@ -15,10 +16,10 @@ from dpo_harness import (
     assert_same_step,
     make_trainers,
     relative_error,
+    responses_per_document,
     train_step,
 )
 
-import collators
 from collators import layout_sizes
 from embedded import make_grouped_preference_dataset
 from packing import row_tokens
@@ -58,7 +59,7 @@ def compare(dataset: Dataset, **kwargs) -> StepResult:
     shared = step.batch["shared_inputs"]
     documents = sum(len(set(row.tolist()) - {-1}) for row in shared["sequence_ids"])
     assert documents < len(dataset), "the batch must hold groups of several pairs"
-    assert int(shared["branch_ids"].max()) > 2, "a group must hold more than two responses"
+    assert responses_per_document(shared) > 2, "a group must hold more than two responses"
     assert_same_step(step, train_step(trl_trainer))
     return step
 
@@ -117,26 +118,14 @@ def test_groups_flex_attention_forward(fresh_compiler):
     assert_flex_forward_matches(trl_trainer, ours)
 
 
-def _responses_see_each_other(sequence, branch, position, window, batch, query, key):
-    # The prompt-or-own-branch rule dropped: every response sees the responses laid out before it in its group.
-    return (sequence[batch, query] == sequence[batch, key]) & (key <= query)
-
-
-def _positions_continue(batch):
-    """Each response's positions continue from the end of the previous response instead of restarting."""
-    shared = batch["shared_inputs"]
-    shared["position_ids"] = torch.arange(shared["position_ids"].shape[1]).expand_as(shared["position_ids"]).clone()
-    return batch
-
-
 @pytest.mark.parametrize("mutation", ["responses_see_each_other", "positions_continue"])
 def test_comparison_fails_on_a_wrong_group_layout(mutation, monkeypatch):
     trl_trainer, ours = make_trainers(grouped_rows())
     transform = None
     if mutation == "responses_see_each_other":
-        monkeypatch.setattr(collators, "_allowed", _responses_see_each_other)
+        mutations.responses_see_each_other(monkeypatch)
     else:
-        transform = _positions_continue
+        transform = mutations.positions_continue
     ours_step, trl_step = train_step(ours, transform), train_step(trl_trainer)
     both = torch.cat([ours_step.chosen_logps, ours_step.rejected_logps])
     expected = torch.cat([trl_step.chosen_logps, trl_step.rejected_logps])

@@ -11,14 +11,14 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import mutations
 import pytest
 import torch
 from datasets import Dataset
-from dpo_harness import CONTEXT_SENSITIVE_INIT, RTOL, relative_error
+from dpo_harness import CONTEXT_SENSITIVE_INIT, RTOL, relative_error, responses_per_document
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
-import collators
 from collators import layout_sizes, split_common_prefixes
 from embedded import load_tokenizer, make_grouped_preference_dataset, tiny_model_config
 from packing import row_tokens
@@ -151,7 +151,7 @@ def test_rewards_match_trl(data, option):
     step = compare(dataset, **config)
     shared = step.batch["shared_inputs"]
     # Groups: one row (one prompt) per group of 3 pairs, 3 distinct responses each.
-    assert len(shared["input_ids"]) == 2 and int(shared["branch_ids"].max()) == 3
+    assert len(shared["input_ids"]) == 2 and responses_per_document(shared) == 3
     assert step.metrics["tokens/computed"] < step.metrics["tokens/standard"] / 3
 
 
@@ -190,13 +190,9 @@ def test_reward_flex_attention_forward(fresh_compiler):
     assert relative_error(rewards, expected) <= RTOL
 
 
-def _responses_see_each_other(sequence, branch, position, window, batch, query, key):
-    return (sequence[batch, query] == sequence[batch, key]) & (key <= query)
-
-
 def test_comparison_fails_when_a_response_sees_another(monkeypatch):
     trl_trainer, ours = make_reward_trainers(reward_rows())
-    monkeypatch.setattr(collators, "_allowed", _responses_see_each_other)
+    mutations.responses_see_each_other(monkeypatch)
     ours_step, trl_step = reward_step(ours), reward_step(trl_trainer)
     assert relative_error(ours_step.rewards, trl_step.rewards) > 1e-3
     with pytest.raises(AssertionError):
