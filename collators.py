@@ -346,19 +346,22 @@ class SharedLayoutCollator:
     batch_rows: int | None = None
     static_rows: bool = False
 
-    def shared_inputs(self, examples: Sequence[dict[str, Sequence[int]]], score: Score) -> dict[str, torch.Tensor]:
+    def layout_rows(self, examples: Sequence[dict[str, Sequence[int]]]) -> list[list[int]]:
+        """The rows ``examples`` take (lists of their indices), before any padding rows."""
         grouped = self.share_prompt and self.group_prompts
-        num_rows = self.batch_rows if self.static_rows else None
         if self.packing_length is not None:
             sizes = layout_sizes(examples, self.share_prompt, self.group_prompts)
             prompts = [tuple(example["prompt_ids"]) for example in examples] if grouped else None
-            rows = next_fit(sizes, self.packing_length, prompts, self.batch_rows)
-        else:
-            rows = prompt_rows(examples) if grouped else [[index] for index in range(len(examples))]
-            if num_rows is not None and len(rows) < len(examples):
-                # Pairs of one prompt share rows, so the loader's batch size (in pairs) would be mostly empty rows:
-                # pad to a power of two of the rows used instead, which still gives compiled attention few shapes.
-                num_rows = min(num_rows, 1 << (len(rows) - 1).bit_length())
+            return next_fit(sizes, self.packing_length, prompts, self.batch_rows)
+        return prompt_rows(examples) if grouped else [[index] for index in range(len(examples))]
+
+    def shared_inputs(self, examples: Sequence[dict[str, Sequence[int]]], score: Score) -> dict[str, torch.Tensor]:
+        num_rows = self.batch_rows if self.static_rows else None
+        rows = self.layout_rows(examples)
+        if self.packing_length is None and num_rows is not None and len(rows) < len(examples):
+            # Pairs of one prompt share rows, so the loader's batch size (in pairs) would be mostly empty rows: pad
+            # to a power of two of the rows used instead, which still gives compiled attention few shapes.
+            num_rows = min(num_rows, 1 << (len(rows) - 1).bit_length())
         return build_shared_inputs(
             examples,
             rows,

@@ -177,12 +177,23 @@ class PrefixDPOTrainer(SharedLayoutTrainer, DPOTrainer):
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # TRL precomputes inside its __init__, before this class's __init__ could install the shared layout.
         self._use_shared_layout()
-        if self.packs and self.args.precompute_ref_batch_size is None and not isinstance(dataset, IterableDataset):
-            # TRL batches examples in dataset order (its cache is per example); pack as many as fill the rows of a
-            # batch, instead of padding one example to a whole row.
-            stats = packing_statistics(self._example_lengths(dataset), self.args.packing_length)
-            batch_size = max(1, round(stats["mean_examples_per_row"] * batch_size))
-        return super()._precompute_ref_logps(dataset, name, batch_size)
+        rows = batch_size
+        if self.packs and not isinstance(dataset, IterableDataset):
+            if self.args.precompute_ref_batch_size is None:
+                # TRL batches examples in dataset order (its cache is per example); pack as many as fill the rows of
+                # a batch, instead of padding one example to a whole row.
+                stats = packing_statistics(self._example_lengths(dataset), self.args.packing_length)
+                batch_size = max(1, round(stats["mean_examples_per_row"] * batch_size))
+            rows = self._most_rows(dataset, batch_size)
+        # TRL's precompute loader collates with `data_collator` itself, outside `_get_dataloader`.
+        with self._batch_rows(rows):
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def _most_rows(self, dataset, batch_size: int) -> int:
+        """The most rows a batch of TRL's precompute loader packs into: its consecutive ``batch_size`` examples."""
+        examples = self._layout_examples(dataset)
+        batches = (examples[start : start + batch_size] for start in range(0, len(examples), batch_size))
+        return max(len(self.data_collator.layout_rows(batch)) for batch in batches)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._count_tokens(inputs)

@@ -462,19 +462,26 @@ class SharedLayoutTrainer:
             dataloader.set_sampler(batches.sampler)
         return dataloader
 
-    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, **kwargs):
+    @contextlib.contextmanager
+    def _batch_rows(self, rows: int) -> Iterator[None]:
+        """Inside, ``data_collator`` is the collator of a loader whose batches take at most ``rows`` rows. With static
+        rows (compiled attention) every batch takes exactly that many, the short last one too, so that compiled
+        attention sees one row count per loader. Every loader the trainer builds, or TRL builds, collates inside."""
         collator = self.data_collator
         if not isinstance(collator, SharedLayoutCollator):
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
-        # A batch of this loader never takes more than `batch_size` rows; with static rows it takes exactly that many,
-        # the short last one too, so that compiled attention sees one row count per loader.
-        self.data_collator = dataclasses.replace(collator, batch_rows=batch_size)
+            yield
+            return
+        self.data_collator = dataclasses.replace(collator, batch_rows=rows)
         try:
+            yield
+        finally:
+            self.data_collator = collator
+
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, **kwargs):
+        with self._batch_rows(batch_size):
             if self.packs and isinstance(dataset, IterableDataset):
                 return self._packed_stream_loader(dataset, description, batch_size, is_training)
             return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
-        finally:
-            self.data_collator = collator
 
     def _packed_stream_loader(self, dataset, description: str, rows: int, is_training: bool) -> DataLoader:
         """A stream has no lengths up front, so no batch sampler: ``PackedStream`` packs it window by window and
