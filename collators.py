@@ -33,7 +33,7 @@ prompt, ``(a, b)``, ``(a, c)`` and ``(c, b)`` (chosen first), take three respons
                                                     c1        x  x  .  .  .  x  x
                                                     c2        x  x  .  .  .  x  x  x
 
-The states of ``a`` are read twice, once for each pair that holds it; TRL's batch still has one chosen and one
+Two pairs read the states of ``a``; the head scores them once (``score_inverse``). TRL's batch has one chosen and one
 rejected row per pair. A pair alone is the group of one pair (chosen branch 1, rejected branch 2), so one function lays
 out both, and one mask rule covers both. The layout is a tree laid out depth-first (the prompt, then each response),
 and every token carries its *subtree end*: the end of the span of the row that descends from it, the document's end
@@ -44,11 +44,13 @@ space): one comparison per pair, and whole blocks of the mask decided from their
 The collators emit TRL's own standard batch (DPO: ``input_ids``, ``attention_mask``, ``completion_mask`` laid out as
 ``[chosen rows; rejected rows]``; reward models: ``input_ids``, ``attention_mask``, ``margin``) so that TRL's loss and
 metrics run unchanged, plus ``shared_inputs``: the tensors of the single forward that replaces the standard one, and
-``score_index``, the flat positions in that forward whose hidden states the head scores. For DPO that is, for each
-standard completion token (in row-major order of the standard completion mask), the state that predicts it; for a
-reward model, for each standard sequence, the state of its last token that is not padding, where TRL's sequence
-classifier reads the reward. A reward pair is split into prompt and responses at the common token prefix of its chosen
-and rejected sequences.
+what its head reads. For DPO the standard batch reads each completion token (in row-major order of the standard
+completion mask) at the state that predicts it; for a reward model each standard sequence at the state of its last
+token that is not padding, where TRL's sequence classifier reads the reward. ``score_index`` holds the flat positions
+of the distinct reads, which the head scores once each: a (state, label) for DPO, so that a response several pairs
+hold, or a first token the chosen and rejected responses share, is scored once for all of them; a state for a reward
+model. ``score_inverse`` gives each standard read its entry in ``score_index``. A reward pair is split into prompt and
+responses at the common token prefix of its chosen and rejected sequences.
 
 The masks themselves are built on the device, in the forward, from ``subtree_end``/``position_ids``:
 the collator may run in dataloader workers, and a ``BlockMask`` (which holds a closure) cannot be pickled.
@@ -72,7 +74,7 @@ PADDING_SEQUENCE = -1
 RESPONSES = ("chosen_ids", "rejected_ids")
 # Attention backends that take an arbitrary mask through transformers' attention interface.
 MASKABLE_BACKENDS = ("flex_attention", "sdpa", "eager")
-# What `score_index` points at: the state predicting each completion token (DPO), or each sequence's last token.
+# What a standard sequence reads: the state predicting each completion token (DPO), or the one of its last token.
 Score = Literal["next_token", "last_token"]
 
 
@@ -248,24 +250,28 @@ def build_shared_inputs(
 
     Returns ``input_ids``, ``position_ids``, ``sequence_ids`` (document index in its row, -1 for padding) and
     ``subtree_end`` (for each token, the end of the span of the row that sees it: its document's end for a prompt
-    token, its response's end for a response token, the next index for padding), all ``(num_rows, length)``, and
-    ``score_index``: the
-    flat indices of the hidden states to score, for the chosen sequences of all examples in the order of ``examples``,
-    then the rejected ones, matching TRL's ``[chosen rows; rejected rows]`` batch. ``score="next_token"``: for every
-    completion token, the state that predicts it; ``"last_token"``: for every sequence, the state of its last token
-    that is not ``pad_token_id`` (its first token if there is none), where TRL's sequence classifier reads.
+    token, its response's end for a response token, the next index for padding), all ``(num_rows, length)``, and what
+    the head reads. The standard reads are those of the chosen sequences of all examples in the order of ``examples``,
+    then of the rejected ones, matching TRL's ``[chosen rows; rejected rows]`` batch. ``score="next_token"``: every
+    completion token, read at the state that predicts it; ``"last_token"``: every sequence, read at the state of its
+    last token that is not ``pad_token_id`` (its first token if there is none), where TRL's sequence classifier reads.
+    ``score_index`` holds the flat index of the state of each distinct read (a (state, label) for ``"next_token"``, a
+    state for ``"last_token"``), in order of first appearance, and ``score_inverse`` the entry of each standard read.
     With ``share_prompt`` the pairs of a row whose prompts are the same tokens form one group (see the module
     docstring); ``group_prompts=False`` lays every pair out alone instead, as the paper does. ``num_rows`` pads the
     layout with empty rows (all padding, nothing scored), so that a short last batch has the same shape as the others.
 
     >>> example = {"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [3, 4]}
     >>> shared = build_shared_inputs([example], [[0]], 0)
-    >>> shared["position_ids"].tolist(), shared["score_index"].tolist()
-    ([[0, 1, 2, 3, 4, 3, 4]], [2, 3, 2, 5])
+    >>> shared["position_ids"].tolist(), shared["score_index"].tolist(), shared["score_inverse"].tolist()
+    ([[0, 1, 2, 3, 4, 3, 4]], [2, 3, 2, 5], [0, 1, 2, 3])
+
+    The two pairs below share the chosen response, scored once; state 2 predicts three different first tokens.
+
     >>> second = {"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [1]}
     >>> shared = build_shared_inputs([example, second], [[0, 1]], 0)
-    >>> shared["subtree_end"].tolist(), shared["score_index"].tolist()
-    ([[8, 8, 8, 5, 5, 7, 7, 8]], [2, 3, 2, 3, 2, 5, 2])
+    >>> shared["subtree_end"].tolist(), shared["score_index"].tolist(), shared["score_inverse"].tolist()
+    ([[8, 8, 8, 5, 5, 7, 7, 8]], [2, 3, 2, 5, 2], [0, 1, 0, 1, 2, 3, 4])
     """
     placed = sorted(index for row in rows for index in row)
     if placed != list(range(len(examples))):
@@ -294,7 +300,10 @@ def build_shared_inputs(
         offset = row_number * length
         spans.update({key: (offset + at, offset + response) for key, (at, response) in row_spans.items()})
 
-    score_index: list[int] = []
+    # What the head scores, once per distinct read: a (state, label) for DPO, where one state can predict several
+    # labels (the last prompt token, the first token of each response); a state for a reward model.
+    reads: dict[tuple[int, int | None], int] = {}
+    score_inverse: list[int] = []
     for column in RESPONSES:
         for index, example in enumerate(examples):
             prompt, response = example["prompt_ids"], example[column]
@@ -303,17 +312,20 @@ def build_shared_inputs(
             p = len(prompt)
             at = [*range(prompt_at, prompt_at + p), *range(response_at, response_at + len(response))]
             if score == "next_token":
-                score_index += at[p - 1 : p + len(response) - 1]
+                sequence_reads = [(at[p - 1 + i], label) for i, label in enumerate(response)]
             else:
                 tokens = [*prompt, *response]
-                score_index.append(at[max((i for i, token in enumerate(tokens) if token != pad_token_id), default=0)])
+                last = max((i for i, token in enumerate(tokens) if token != pad_token_id), default=0)
+                sequence_reads = [(at[last], None)]
+            score_inverse += [reads.setdefault(read, len(reads)) for read in sequence_reads]
 
     return {
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "position_ids": torch.tensor(position_ids, dtype=torch.long),
         "sequence_ids": torch.tensor(sequence_ids, dtype=torch.long),
         "subtree_end": torch.tensor(subtree_end, dtype=torch.long),
-        "score_index": torch.tensor(score_index, dtype=torch.long),
+        "score_index": torch.tensor([state for state, _ in reads], dtype=torch.long),
+        "score_inverse": torch.tensor(score_inverse, dtype=torch.long),
     }
 
 
@@ -341,19 +353,22 @@ class SharedLayoutCollator:
     batch_rows: int | None = None
     static_rows: bool = False
 
-    def shared_inputs(self, examples: Sequence[dict[str, Sequence[int]]], score: Score) -> dict[str, torch.Tensor]:
+    def layout_rows(self, examples: Sequence[dict[str, Sequence[int]]]) -> list[list[int]]:
+        """The rows ``examples`` take (lists of their indices), before any padding rows."""
         grouped = self.share_prompt and self.group_prompts
-        num_rows = self.batch_rows if self.static_rows else None
         if self.packing_length is not None:
             sizes = layout_sizes(examples, self.share_prompt, self.group_prompts)
             prompts = [tuple(example["prompt_ids"]) for example in examples] if grouped else None
-            rows = next_fit(sizes, self.packing_length, prompts, self.batch_rows)
-        else:
-            rows = prompt_rows(examples) if grouped else [[index] for index in range(len(examples))]
-            if num_rows is not None and len(rows) < len(examples):
-                # Pairs of one prompt share rows, so the loader's batch size (in pairs) would be mostly empty rows:
-                # pad to a power of two of the rows used instead, which still gives compiled attention few shapes.
-                num_rows = min(num_rows, 1 << (len(rows) - 1).bit_length())
+            return next_fit(sizes, self.packing_length, prompts, self.batch_rows)
+        return prompt_rows(examples) if grouped else [[index] for index in range(len(examples))]
+
+    def shared_inputs(self, examples: Sequence[dict[str, Sequence[int]]], score: Score) -> dict[str, torch.Tensor]:
+        num_rows = self.batch_rows if self.static_rows else None
+        rows = self.layout_rows(examples)
+        if self.packing_length is None and num_rows is not None and len(rows) < len(examples):
+            # Pairs of one prompt share rows, so the loader's batch size (in pairs) would be mostly empty rows: pad
+            # to a power of two of the rows used instead, which still gives compiled attention few shapes.
+            num_rows = min(num_rows, 1 << (len(rows) - 1).bit_length())
         return build_shared_inputs(
             examples,
             rows,

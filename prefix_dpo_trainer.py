@@ -60,10 +60,11 @@ class PrefixDPOConfig(SharedLayoutArguments, DPOConfig):
 def add_shared_forward(model: PreTrainedModel) -> None:
     """Lets ``model`` (already given TRL's fused LM head) take a ``shared_inputs`` batch from the collator.
 
-    Called with ``shared_inputs``, the forward runs the backbone once on the shared layout, gathers the hidden state
-    that predicts each completion token (``score_index``, see ``shared_layout.shared_backbone``) and scores them with
-    TRL's fused head. The per-token outputs come back scattered into the standard layout of ``labels``, zero
-    elsewhere, as TRL's fused head returns them.
+    Called with ``shared_inputs``, the forward runs the backbone once on the shared layout, gathers the hidden states
+    of the distinct (state, label) reads (``score_index``, see ``shared_layout.shared_backbone``) and scores each once
+    with TRL's fused head. The per-token outputs come back expanded to every completion token (``score_inverse``; the
+    gradient of a read sums over the tokens that share it) and scattered into the standard layout of ``labels``, zero
+    elsewhere, as TRL's fused head returns them; ``loss`` is the head's mean negative log-likelihood over those tokens.
     """
     if getattr(model, "_has_shared_forward", False):
         return
@@ -80,22 +81,34 @@ def add_shared_forward(model: PreTrainedModel) -> None:
         kwargs.pop("input_ids", None)
         kwargs.pop("attention_mask", None)
         score_mask = labels[:, 1:] != -100
-        score_index = shared_inputs["score_index"]
-        if score_index.numel() != int(score_mask.sum()):
-            raise ValueError(
-                f"The shared layout scores {score_index.numel()} tokens but the batch has {int(score_mask.sum())} "
-                "completion tokens: the batch was not built by PrefixSharingCollator from the same examples."
-            )
+        token_labels = labels[:, 1:][score_mask]
+        inverse = shared_inputs["score_inverse"].to(token_labels.device)
+        mismatch = ValueError(
+            f"The shared layout reads {len(inverse)} completion tokens and the batch has {len(token_labels)}, or they "
+            "differ: the batch was not built by PrefixSharingCollator from the same examples."
+        )
+        if len(inverse) != len(token_labels):
+            raise mismatch
+        # The label of each distinct read, which every completion token mapped onto it must carry.
+        read_labels = token_labels.new_empty(len(shared_inputs["score_index"])).scatter_(0, inverse, token_labels)
+        if not torch.equal(read_labels[inverse], token_labels):
+            raise mismatch
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
 
         router_logits: list = []
         with shared_backbone(self, shared_inputs, router_logits) as layout:
-            outputs = fused_forward(**layout, shift_labels=labels[:, 1:][score_mask].unsqueeze(0), **kwargs)
+            outputs = fused_forward(**layout, shift_labels=read_labels.unsqueeze(0), **kwargs)
         per_token = {
-            name: None if value is None else value.new_zeros(score_mask.shape).masked_scatter(score_mask, value[0])
+            name: None
+            if value is None
+            else value.new_zeros(score_mask.shape).masked_scatter(score_mask, value[0][inverse])
             for name in PER_TOKEN_FIELDS
             for value in [getattr(outputs, name)]
         }
-        loss, aux_loss = outputs.loss, outputs.aux_loss
+        # The fused head's loss averages over the distinct reads; TRL's, over the completion tokens.
+        items = score_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = -per_token["log_probs"].sum() / items
+        aux_loss = outputs.aux_loss
         if router_logits:
             aux_loss = router_aux_loss(router_logits[0], self.config, shared_inputs["sequence_ids"] >= 0)
             loss = loss + getattr(self.config.get_text_config(), "router_aux_loss_coef", 0.0) * aux_loss
@@ -164,12 +177,23 @@ class PrefixDPOTrainer(SharedLayoutTrainer, DPOTrainer):
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # TRL precomputes inside its __init__, before this class's __init__ could install the shared layout.
         self._use_shared_layout()
-        if self.packs and self.args.precompute_ref_batch_size is None and not isinstance(dataset, IterableDataset):
-            # TRL batches examples in dataset order (its cache is per example); pack as many as fill the rows of a
-            # batch, instead of padding one example to a whole row.
-            stats = packing_statistics(self._example_lengths(dataset), self.args.packing_length)
-            batch_size = max(1, round(stats["mean_examples_per_row"] * batch_size))
-        return super()._precompute_ref_logps(dataset, name, batch_size)
+        rows = batch_size
+        if self.packs and not isinstance(dataset, IterableDataset):
+            if self.args.precompute_ref_batch_size is None:
+                # TRL batches examples in dataset order (its cache is per example); pack as many as fill the rows of
+                # a batch, instead of padding one example to a whole row.
+                stats = packing_statistics(self._example_lengths(dataset), self.args.packing_length)
+                batch_size = max(1, round(stats["mean_examples_per_row"] * batch_size))
+            rows = self._most_rows(dataset, batch_size)
+        # TRL's precompute loader collates with `data_collator` itself, outside `_get_dataloader`.
+        with self._batch_rows(rows):
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def _most_rows(self, dataset, batch_size: int) -> int:
+        """The most rows a batch of TRL's precompute loader packs into: its consecutive ``batch_size`` examples."""
+        examples = self._layout_examples(dataset)
+        batches = (examples[start : start + batch_size] for start in range(0, len(examples), batch_size))
+        return max(len(self.data_collator.layout_rows(batch)) for batch in batches)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._count_tokens(inputs)

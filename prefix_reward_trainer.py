@@ -41,8 +41,9 @@ def add_shared_score_forward(model: PreTrainedModel) -> None:
     backbone's states) take a ``shared_inputs`` batch from :class:`collators.PrefixRewardCollator`.
 
     Called with ``shared_inputs``, the forward runs the backbone once on the shared layout and applies the score head
-    to the states at ``score_index``: each standard sequence's last token that is not padding, where the standard
-    forward pools its logits. It returns those pooled logits, ``(2 * pairs, num_labels)``, in the standard order.
+    to the states at ``score_index``: the last token that is not padding of each distinct standard sequence, where the
+    standard forward pools its logits (a sequence several pairs hold is scored once). It returns those pooled logits
+    for every sequence (``score_inverse``), ``(2 * pairs, num_labels)``, in the standard order.
     """
     if getattr(model, "_has_shared_forward", False):
         return
@@ -64,14 +65,15 @@ def add_shared_score_forward(model: PreTrainedModel) -> None:
         sequences = len(kwargs.pop("input_ids"))
         kwargs.pop("attention_mask", None)
         kwargs.pop("margin", None)
-        if len(shared_inputs["score_index"]) != sequences:
+        inverse = shared_inputs["score_inverse"]
+        if len(inverse) != sequences:
             raise ValueError(
-                f"The shared layout scores {len(shared_inputs['score_index'])} sequences but the batch has "
-                f"{sequences}: the batch was not built by PrefixRewardCollator from the same examples."
+                f"The shared layout reads {len(inverse)} sequences but the batch has {sequences}: the batch was not "
+                "built by PrefixRewardCollator from the same examples."
             )
         with shared_backbone(self, shared_inputs) as layout:
             states = self.base_model(**layout, **kwargs).last_hidden_state
-        return SequenceClassifierOutputWithPast(logits=self.score(states[0]))
+        return SequenceClassifierOutputWithPast(logits=self.score(states[0])[inverse.to(states.device)])
 
     model.forward = types.MethodType(forward, model)
     model._has_shared_forward = True

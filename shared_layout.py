@@ -3,8 +3,9 @@
 * :class:`SharedLayoutArguments`: the flags both configs add to TRL's (``--prefix_sharing``, ``--enable_packing``,
   ``--packing_length``, ``--group_by_prompt``, and the paper's bare ``--bf16``/``--output_dir``).
 * :func:`shared_backbone`: runs a model's backbone once over a batch's shared layout (``collators.py``) under its
-  attention mask, keeping only the hidden states at ``score_index``. Each trainer's forward puts its own head on them:
-  TRL's fused LM head (DPO log-probs) or the sequence classifier's score head (rewards).
+  attention mask, keeping only the hidden states at ``score_index`` (each distinct read once). Each trainer's forward
+  puts its own head on them, TRL's fused LM head (DPO log-probs) or the sequence classifier's score head (rewards),
+  and hands every standard read its result through ``score_inverse``.
 * :class:`SharedLayoutTrainer`: what both trainers add to TRL's: attention-backend checks, the standard-layout
   fallback of models with token mixers no mask governs, the packing length, the batch samplers (packed rows, groups of
   one prompt), packed streams, dataloaders padded to a fixed row count, and token counters.
@@ -158,8 +159,9 @@ def shared_backbone(
     """Yields the inputs that run ``model``'s backbone on the shared layout; inside, the backbone's output keeps only
     the states at ``score_index``, as one row.
 
-    Handing the head only those states (for DPO, aligned with TRL's ``shift_labels``) lets it score exactly the
-    completion tokens, or the sequences' last tokens, on every device: the head never sees the prompt or padding.
+    Handing the head only those states (for DPO, aligned with the ``shift_labels`` of the distinct reads) lets it score
+    exactly the completion tokens, or the sequences' last tokens, each distinct read once, on every device: the head
+    never sees the prompt or padding, nor a response twice.
     Given a list, ``router_logits`` takes an MoE backbone's router logits out of its output: a head would weight them
     by ``attention_mask``, here the layout's ``(rows, 1, L, L)`` mask, where the caller weights them by the tokens
     that ran instead.
@@ -460,19 +462,26 @@ class SharedLayoutTrainer:
             dataloader.set_sampler(batches.sampler)
         return dataloader
 
-    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, **kwargs):
+    @contextlib.contextmanager
+    def _batch_rows(self, rows: int) -> Iterator[None]:
+        """Inside, ``data_collator`` is the collator of a loader whose batches take at most ``rows`` rows. With static
+        rows (compiled attention) every batch takes exactly that many, the short last one too, so that compiled
+        attention sees one row count per loader. Every loader the trainer builds, or TRL builds, collates inside."""
         collator = self.data_collator
         if not isinstance(collator, SharedLayoutCollator):
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
-        # A batch of this loader never takes more than `batch_size` rows; with static rows it takes exactly that many,
-        # the short last one too, so that compiled attention sees one row count per loader.
-        self.data_collator = dataclasses.replace(collator, batch_rows=batch_size)
+            yield
+            return
+        self.data_collator = dataclasses.replace(collator, batch_rows=rows)
         try:
+            yield
+        finally:
+            self.data_collator = collator
+
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, **kwargs):
+        with self._batch_rows(batch_size):
             if self.packs and isinstance(dataset, IterableDataset):
                 return self._packed_stream_loader(dataset, description, batch_size, is_training)
             return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
-        finally:
-            self.data_collator = collator
 
     def _packed_stream_loader(self, dataset, description: str, rows: int, is_training: bool) -> DataLoader:
         """A stream has no lengths up front, so no batch sampler: ``PackedStream`` packs it window by window and

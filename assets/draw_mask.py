@@ -73,11 +73,12 @@ def token_labels(shared: dict, row: int) -> tuple[list[str], list[str]]:
 
 
 def mark_scored(axis, shared: dict, chosen: int, rejected: int) -> None:
-    """Next to each query row, the completion tokens its hidden state predicts (``score_index``, one example)."""
+    """Next to each query row, the completion tokens its hidden state predicts (the reads, one example)."""
     length = shared["input_ids"].shape[1]
     predicted: dict[int, list[str]] = {}
     targets = [f"c{i}" for i in range(chosen)] + [f"r{i}" for i in range(rejected)]
-    for flat, target in zip(shared["score_index"].tolist(), targets, strict=True):
+    reads = shared["score_index"][shared["score_inverse"]]
+    for flat, target in zip(reads.tolist(), targets, strict=True):
         predicted.setdefault(flat % length, []).append(target)
     for query, tokens in predicted.items():
         axis.text(length - 0.2, query, "\u2192 " + ", ".join(tokens), va="center", fontsize=8, color="#333333")

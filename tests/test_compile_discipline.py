@@ -6,10 +6,17 @@ import torch
 from datasets import Dataset
 from dpo_harness import assert_same_step, conversational_rows, make_trainers, plain_text_rows, train_step
 from test_packing import packing_length_for
+from trl import DPOTrainer
 
 import flex_compile_watchdog
+import prefix_dpo_trainer
+import shared_layout
 from collators import PrefixSharingCollator, block_mask
+from embedded import load_tokenizer, tiny_model
+from prefix_dpo_trainer import PrefixDPOConfig, PrefixDPOTrainer
 from shared_layout import cached_attention_mask
+
+SHORT = {"prompt_words": (10, 60), "response_words": (3, 20), "turns": (1, 2)}
 
 
 @pytest.fixture
@@ -145,3 +152,61 @@ def test_grouped_unpacked_batch_is_padded_to_a_power_of_two_of_its_rows():
     ]
     assert shapes == [1, 2, 4]
     assert collator([example, *others])["shared_inputs"]["input_ids"].shape[0] == 8  # no pairs share a prompt
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_every_loader_of_a_precomputed_flex_run_has_one_row_count(
+    packed, fresh_compiler, fresh_warnings, monkeypatch, tmp_path
+):
+    """Precomputed reference log-probs, training and evaluation under flex_attention (its forward only: CPU has no
+    flex backward). TRL's precompute loaders, which collate outside the trainer's ``_get_dataloader``, the train and
+    the eval loader each hand batches of one row count, short last ones included, so flex_attention compiles its
+    first shape and one variant with dynamic sizes, and no variant for a batch of one row (dynamo specializes 1)."""
+    monkeypatch.setattr(shared_layout, "_fall_back_from_flex", lambda model, args: None)
+    phase = ["init"]
+    rows: dict[str, list[int]] = {}
+    backbone = prefix_dpo_trainer.shared_backbone
+
+    def recording_backbone(model, shared_inputs, *args):
+        rows.setdefault(phase[0], []).append(len(shared_inputs["input_ids"]))
+        return backbone(model, shared_inputs, *args)
+
+    precompute = DPOTrainer._precompute_ref_logps
+
+    def precompute_phase(self, dataset, name, batch_size):
+        phase[0] = f"precompute {name}"
+        return precompute(self, dataset, name, batch_size)
+
+    monkeypatch.setattr(prefix_dpo_trainer, "shared_backbone", recording_backbone)
+    monkeypatch.setattr(DPOTrainer, "_precompute_ref_logps", precompute_phase)
+    train, evaluation = (conversational_rows(n, seed=n, **SHORT) for n in (9, 13))
+    packing = {"enable_packing": True, "packing_length": str(packing_length_for(train, True))} if packed else {}
+    args = PrefixDPOConfig(
+        output_dir=str(tmp_path),
+        prefix_sharing=True,
+        precompute_ref_log_probs=True,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=3,
+        max_length=None,
+        bf16=False,
+        report_to="none",
+        **packing,
+    )
+    trainer = PrefixDPOTrainer(
+        model=tiny_model("llama", attn_implementation="flex_attention"),
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=load_tokenizer(),
+    )
+    assert trainer.model.config._attn_implementation == "flex_attention" and trainer.data_collator.static_rows
+    phase[0] = "train"
+    with torch.no_grad():
+        for batch in trainer.get_train_dataloader():
+            trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))
+    phase[0] = "eval"
+    trainer.evaluate()
+    assert set(rows) == {"precompute train", "precompute eval", "train", "eval"}
+    assert all(len(batches) > 1 for batches in rows.values()), "every loader must hand several batches"
+    assert {name: len(set(batches)) for name, batches in rows.items()} == dict.fromkeys(rows, 1), rows
+    assert flex_compile_watchdog.check_budget()["flex_attention"] <= 2

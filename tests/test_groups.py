@@ -9,6 +9,7 @@ of its group, or when a response's positions do not restart after the prompt.
 import mutations
 import pytest
 import torch
+import trl.trainer.utils as trl_utils
 from datasets import Dataset
 from dpo_harness import (
     StepResult,
@@ -116,6 +117,37 @@ def test_groups_with_precomputed_reference(tmp_path):
 def test_groups_flex_attention_forward(fresh_compiler):
     trl_trainer, ours = make_trainers(grouped_rows())
     assert_flex_forward_matches(trl_trainer, ours)
+
+
+def test_head_scores_each_distinct_read_once(monkeypatch):
+    """Pairs (a, b), (a, c), (c, b) of one prompt: the LM head scores each distinct (state, label) once, for the
+    policy and the reference, and the loss, log-probs, gradients and metrics are still TRL's."""
+    a, b, c = " The river runs north past the mill.", " North.", " It runs south to the sea, then east."
+    pairs = ((a, b), (a, c), (c, b))
+    prompt = "Which way does the river run?"
+    dataset = Dataset.from_list([{"prompt": prompt, "chosen": x, "rejected": y} for x, y in pairs])
+    trl_trainer, ours = make_trainers(dataset)
+    head_rows: list[int] = []
+    chunked = trl_utils._ChunkedLogProbFunction
+
+    def counting_apply(hidden_states, *args):
+        head_rows.append(len(hidden_states))
+        return original_apply(hidden_states, *args)
+
+    original_apply = chunked.apply
+    monkeypatch.setattr(chunked, "apply", counting_apply)
+    step = train_step(ours)
+    monkeypatch.undo()
+    # A read is the context a token is predicted from (prompt and the response before it) and the token.
+    examples = list(ours.train_dataset)
+    responses = [example[column] for example in examples for column in ("chosen_ids", "rejected_ids")]
+    prompt_ids = examples[0]["prompt_ids"]
+    reads = {(tuple(prompt_ids + response[:i]), token) for response in responses for i, token in enumerate(response)}
+    # Each of the three responses is held by two pairs: at most half the standard reads are distinct.
+    assert len(set(map(tuple, responses))) == 3 and len(reads) <= sum(map(len, responses)) // 2
+    assert len(step.batch["shared_inputs"]["score_index"]) == len(reads)
+    assert head_rows and set(head_rows) == {len(reads)}, head_rows
+    assert_same_step(step, train_step(trl_trainer))
 
 
 @pytest.mark.parametrize("mutation", ["responses_see_each_other", "positions_continue"])

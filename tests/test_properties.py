@@ -1,8 +1,9 @@
 """Property tests (hypothesis) of the shared and packed layouts, over random lengths, batch sizes and packing lengths.
 
 The layout is checked against an independent re-derivation of what standard DPO computes: every token sees exactly
-the tokens it sees in the standard layout, at the same position, and ``score_index`` scores every completion token of
-TRL's standard batch exactly once, from the hidden state of its standard predecessor. The log-prob test runs a tiny
+the tokens it sees in the standard layout, at the same position, and every completion token of TRL's standard batch
+is read from the hidden state of its standard predecessor (``score_index`` through ``score_inverse``), the head
+scoring each distinct (state, label) once. The log-prob test runs a tiny
 context-sensitive float32 Llama through the project's shared forward (``add_shared_forward`` on TRL's fused LM head)
 and through TRL's standard forward on the same batch.
 """
@@ -145,14 +146,16 @@ def test_layout_matches_the_standard_one(case: Case) -> None:
     assert not (mask & realr[:, :, None] & padding[:, None, :]).any()
     assert not (mask & padding[:, :, None] & realr[:, None, :]).any()
 
-    # score_index against TRL's standard batch: every completion token once, chosen rows first, row-major, each
-    # scored at the state of its standard predecessor, whose logical successor in the shared layout is the label.
+    # The reads against TRL's standard batch: every completion token once, chosen rows first, row-major, each read
+    # at the state of its standard predecessor, whose logical successor in the shared layout is the label.
     completion = batch["completion_mask"].bool()
     completion[:, 0] = False
     labels = batch["input_ids"][completion]
     predecessors = batch["input_ids"][:, :-1][completion[:, 1:]]
-    score_index = shared["score_index"]
+    score_index = shared["score_index"][shared["score_inverse"]]
     assert len(score_index) == len(labels)
+    # The head scores each distinct (state, label) once.
+    assert len(shared["score_index"]) == len(set(zip(score_index.tolist(), labels.tolist(), strict=True)))
     assert ids[score_index].tolist() == predecessors.tolist()
     successors = []
     for branch in ("chosen", "rejected"):
@@ -245,7 +248,9 @@ def test_group_layout_every_scored_state_sees_exactly_its_standard_prefix(case: 
     ids, positions = shared["input_ids"].flatten(), shared["position_ids"].flatten()
     length = shared["input_ids"].shape[1]
     mask = dense_mask(shared)[:, 0]
-    scored = iter(shared["score_index"].tolist())
+    read_states = shared["score_index"][shared["score_inverse"]].tolist()
+    scored = iter(read_states)
+    read_labels = []
     for column in ("chosen_ids", "rejected_ids"):
         for example in examples:
             tokens = example["prompt_ids"] + example[column]
@@ -253,12 +258,15 @@ def test_group_layout_every_scored_state_sees_exactly_its_standard_prefix(case: 
             reads = range(p - 1, len(tokens) - 1) if case.score == "next_token" else [len(tokens) - 1]
             for position in reads:
                 flat = next(scored)
+                read_labels.append(tokens[position + 1] if case.score == "next_token" else None)
                 assert (positions[flat].item(), ids[flat].item()) == (position, tokens[position])
                 row, query = divmod(flat, length)
                 keys = mask[row, query].nonzero().flatten() + row * length
                 seen = sorted(zip(positions[keys].tolist(), ids[keys].tolist(), strict=True))
                 assert seen == list(enumerate(tokens[: position + 1]))
     assert next(scored, None) is None
+    # Each distinct read once: a (state, label), or a state for the last token.
+    assert len(shared["score_index"]) == len(set(zip(read_states, read_labels, strict=True)))
     # Every prompt and every distinct response of a row once: the grouped token count.
     expected = 0
     for row in rows:

@@ -150,8 +150,9 @@ def test_rewards_match_trl(data, option):
     config = {"center_rewards_coefficient": 0.01} if option == "center_rewards" else {}
     step = compare(dataset, **config)
     shared = step.batch["shared_inputs"]
-    # Groups: one row (one prompt) per group of 3 pairs, 3 distinct responses each.
+    # Groups: one row (one prompt) per group of 3 pairs, 3 distinct responses each, each scored once for two pairs.
     assert len(shared["input_ids"]) == 2 and responses_per_document(shared) == 3
+    assert len(shared["score_index"]) == 6 and len(shared["score_inverse"]) == 12
     assert step.metrics["tokens/computed"] < step.metrics["tokens/standard"] / 3
 
 
