@@ -169,6 +169,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--kv-heads", type=int)
     parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flex_attention"])
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--optim", default="adamw_torch", help="TrainingArguments.optim (adafactor saves memory)")
     parser.add_argument("--bf16", action="store_true", help="bf16 weights and autocast (GPU)")
     parser.add_argument(
         "--isolate",
