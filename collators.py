@@ -581,7 +581,7 @@ def block_mask(shared: dict[str, torch.Tensor], window: int | None = None):
         query_high = _per_block(position, -(2**62), "max")[:, :, None]
         inside_window = query_high - key_low < window
         outside_window = query_low - key_high >= window
-        undecided = some & ~outside_window & ~(every & inside_window)
+        undecided = some & ~outside_window & ~inside_window
         some = some & ~outside_window
         every = every & inside_window
         blocks = undecided.nonzero()
