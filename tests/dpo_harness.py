@@ -269,12 +269,17 @@ def assert_same_step(ours: StepResult, trl: StepResult, rtol: float = RTOL, beta
     assert_each_close(ours.chosen_logps, trl.chosen_logps, rtol)
     assert_each_close(ours.rejected_logps, trl.rejected_logps, rtol)
     assert_same_grads(ours.grads, trl.grads, rtol)
-    # TRL's own metrics, computed by its unchanged loss code from our per-token outputs. Rewards are beta times a
-    # difference of two sequence log-probs, so their rounding error scales with the log-probs, not with the reward.
+    # TRL's own metrics, computed by its unchanged loss code from our per-token outputs.
     logps_scale = torch.cat([trl.chosen_logps, trl.rejected_logps]).abs().max().item()
-    for key, value in trl.metrics.items():
-        scale = abs(value) + (beta * logps_scale if key.startswith("rewards/") else 0.0)
-        assert abs(ours.metrics[key] - value) <= rtol * scale + 1e-6, (key, ours.metrics[key], value)
+    assert_close_metrics(ours.metrics, trl.metrics, rtol, beta * logps_scale)
+
+
+def assert_close_metrics(ours: dict[str, float], trl: dict[str, float], rtol: float, rewards_scale: float) -> None:
+    """Each of TRL's values to tolerance. Rewards are beta times a difference of two sequence log-probs, so their
+    rounding error scales with the log-probs (``rewards_scale``: beta times their size), not with the reward."""
+    for key, value in trl.items():
+        scale = abs(value) + (rewards_scale if "rewards/" in key else 0.0)
+        assert abs(ours[key] - value) <= rtol * scale + 1e-6, (key, ours[key], value)
 
 
 def assert_same_accumulation(ours: AccumulatedStep, trl: AccumulatedStep, rtol: float = RTOL) -> None:
@@ -290,12 +295,13 @@ def compared_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return {key: value for key, value in metrics.items() if not any(word in key for word in NOT_COMPARED)}
 
 
-def assert_same_metrics(ours: dict[str, float], trl: dict[str, float], rtol: float = RTOL) -> None:
-    """Logged metrics (evaluation results, a log_history entry): the same keys, each value to tolerance."""
+def assert_same_metrics(ours: dict[str, float], trl: dict[str, float], rtol: float = RTOL, beta: float = 0.1) -> None:
+    """Logged metrics (evaluation results, a log_history entry): the same keys, each value to tolerance; the mean
+    sequence log-probs logged beside the rewards give their scale."""
     expected = compared_metrics(trl)
     assert expected.keys() == compared_metrics(ours).keys()
-    for key, value in expected.items():
-        assert abs(ours[key] - value) <= rtol * abs(value) + 1e-6, (key, ours[key], value)
+    logps_scale = max((abs(value) for key, value in expected.items() if "logps/" in key), default=0.0)
+    assert_close_metrics(ours, expected, rtol, beta * logps_scale)
 
 
 def assert_flex_forward_matches(trl_trainer: DPOTrainer, ours: PrefixDPOTrainer, rtol: float = RTOL) -> None:
