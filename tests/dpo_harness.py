@@ -241,13 +241,21 @@ def accumulated_step(trainer: Trainer, micro_batches: int) -> AccumulatedStep:
     return AccumulatedStep(losses, gradients(trainer.model), metrics, batches)
 
 
+def enable_activation_checkpointing(trainer: Trainer) -> None:
+    """Turns activation checkpointing on as ``Trainer.train`` does (``train_step`` runs outside ``train``)."""
+    kwargs = dict(trainer.args.activation_checkpointing_kwargs or {})
+    trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None)
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Norm-wise relative error: elementwise ratios blow up on entries that are zero up to rounding."""
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-12)).item()
 
 
-def assert_each_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, scale: float | None = None) -> None:
+def assert_each_close(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL, scale: float | None = None
+) -> None:
     """Element by element: within ``rtol`` of the expected value (or of ``scale``), and 1e-6 absolute."""
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     pairs = zip(actual.flatten().tolist(), expected.flatten().tolist(), strict=True)
