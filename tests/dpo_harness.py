@@ -271,23 +271,34 @@ def assert_same_grads(ours: dict[str, torch.Tensor], trl: dict[str, torch.Tensor
         assert relative_error(ours[name], grad) <= rtol, name
 
 
-def assert_same_step(ours: StepResult, trl: StepResult, rtol: float = RTOL, beta: float = 0.1) -> None:
+def assert_same_step(
+    ours: StepResult,
+    trl: StepResult,
+    rtol: float = RTOL,
+    beta: float = 0.1,
+    grad_rtol: float | None = None,
+    metrics_atol: float = 1e-6,
+) -> None:
+    """``rtol`` for the loss, the log-probs and the metrics; ``grad_rtol`` (default ``rtol``) for the gradients;
+    ``metrics_atol`` for metrics that are means of values of both signs (mean logits), near zero."""
     assert relative_error(ours.loss, trl.loss) <= rtol, (ours.loss, trl.loss)
     # Per-sequence log-probs, each to tolerance: a vector norm would let one wrong short sequence hide among long ones.
     assert_each_close(ours.chosen_logps, trl.chosen_logps, rtol)
     assert_each_close(ours.rejected_logps, trl.rejected_logps, rtol)
-    assert_same_grads(ours.grads, trl.grads, rtol)
+    assert_same_grads(ours.grads, trl.grads, rtol if grad_rtol is None else grad_rtol)
     # TRL's own metrics, computed by its unchanged loss code from our per-token outputs.
     logps_scale = torch.cat([trl.chosen_logps, trl.rejected_logps]).abs().max().item()
-    assert_close_metrics(ours.metrics, trl.metrics, rtol, beta * logps_scale)
+    assert_close_metrics(ours.metrics, trl.metrics, rtol, beta * logps_scale, metrics_atol)
 
 
-def assert_close_metrics(ours: dict[str, float], trl: dict[str, float], rtol: float, rewards_scale: float) -> None:
+def assert_close_metrics(
+    ours: dict[str, float], trl: dict[str, float], rtol: float, rewards_scale: float, atol: float = 1e-6
+) -> None:
     """Each of TRL's values to tolerance. Rewards are beta times a difference of two sequence log-probs, so their
     rounding error scales with the log-probs (``rewards_scale``: beta times their size), not with the reward."""
     for key, value in trl.items():
         scale = abs(value) + (rewards_scale if "rewards/" in key else 0.0)
-        assert abs(ours[key] - value) <= rtol * scale + 1e-6, (key, ours[key], value)
+        assert abs(ours[key] - value) <= rtol * scale + atol, (key, ours[key], value)
 
 
 def assert_same_accumulation(ours: AccumulatedStep, trl: AccumulatedStep, rtol: float = RTOL) -> None:
