@@ -302,10 +302,16 @@ def assert_close_metrics(
 
 
 def assert_same_accumulation(ours: AccumulatedStep, trl: AccumulatedStep, rtol: float = RTOL) -> None:
-    """The same examples in the same micro-batches, the same scaled losses and the same summed gradients."""
+    """The same examples in the same micro-batches, the same scaled losses, the same metrics logged by every
+    micro-batch and the same summed gradients."""
     for ours_batch, trl_batch in zip(ours.batches, trl.batches, strict=True):
         assert torch.equal(ours_batch["input_ids"], trl_batch["input_ids"])
     assert_each_close(torch.tensor(ours.losses), torch.tensor(trl.losses), rtol)
+
+    def each_value(metrics: dict[str, list[float]]) -> dict[str, float]:
+        return {f"{key}/{index}": value for key, values in metrics.items() for index, value in enumerate(values)}
+
+    assert_same_metrics(each_value(ours.metrics), each_value(trl.metrics), rtol)
     assert_same_grads(ours.grads, trl.grads, rtol)
 
 
