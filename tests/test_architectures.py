@@ -14,21 +14,12 @@ wrong) sdpa baseline; prefix sharing refuses it up front with an error naming ea
 
 import pytest
 import torch
-from datasets import Dataset
-from dpo_harness import assert_flex_forward_matches, assert_same_step, make_trainers, train_step
+from dpo_harness import assert_flex_forward_matches, assert_same_step, conversations, make_trainers, train_step
 
 from collators import attention_mask_for, attention_windows
-from embedded import make_preference_dataset, tiny_model, tiny_model_config
-from preference_data import normalize_schema
+from embedded import tiny_model, tiny_model_config
 
 WINDOW = 16
-
-
-def conversations(num_examples: int = 4) -> Dataset:
-    """Multi-turn conversations of about 40 to 150 tokens: longer than the windows, quick to run."""
-    return normalize_schema(
-        make_preference_dataset(num_examples, seed=3, prompt_words=(20, 90), response_words=(3, 25))
-    )
 
 
 QWEN2_MIXED = {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}

@@ -218,7 +218,8 @@ def test_once_mapped_to_prompt_the_columns_are_kept_and_train_on_trl_tokens() ->
 
 
 def test_other_text_columns_beside_an_implicit_prompt_are_kept() -> None:
-    normalize_schema(Dataset.from_list([{"source": "forum", **IMPLICIT_CONVERSATIONS}]))
+    dataset = Dataset.from_list([{"source": "forum", **IMPLICIT_CONVERSATIONS}])
+    assert normalize_schema(dataset).to_list() == dataset.to_list()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

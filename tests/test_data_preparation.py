@@ -1,4 +1,4 @@
-"""Truncation and schema handling, identical with and without prefix sharing."""
+"""Truncation and schema handling: our prepared tokens are trl.DPOTrainer's, cut by ``truncate_example``."""
 
 import warnings
 
@@ -31,10 +31,11 @@ def test_truncate_example(lengths, max_length, max_prompt_length, expected):
     assert fitted[1] == chosen[: expected[1]] and fitted[2] == rejected[: expected[2]]
 
 
-def _prepared(prefix_sharing: bool, dataset, tmp_path, **config):
-    args = PrefixDPOConfig(
-        output_dir=str(tmp_path), report_to="none", bf16=False, prefix_sharing=prefix_sharing, **config
-    )
+COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
+
+
+def _prepared(dataset, tmp_path, **config):
+    args = PrefixDPOConfig(output_dir=str(tmp_path), report_to="none", bf16=False, prefix_sharing=True, **config)
     trainer = PrefixDPOTrainer(
         model=tiny_model("llama"), ref_model=tiny_model("llama"), args=args, train_dataset=dataset,
         processing_class=load_tokenizer(),
@@ -42,22 +43,37 @@ def _prepared(prefix_sharing: bool, dataset, tmp_path, **config):
     return trainer.train_dataset
 
 
-def test_same_tokens_with_and_without_prefix_sharing(tmp_path):
+def _trl_prepared(dataset, tmp_path):
+    """trl.DPOTrainer's tokens, untruncated (its collator truncates, per batch)."""
+    args = DPOConfig(output_dir=str(tmp_path), report_to="none", bf16=False, max_length=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return DPOTrainer(
+            model=tiny_model("llama"), ref_model=tiny_model("llama"), args=args,
+            train_dataset=normalize_schema(dataset), processing_class=load_tokenizer(),
+        ).train_dataset  # fmt: skip
+
+
+def test_prepared_tokens_are_trls_cut_by_the_truncation_rule(tmp_path):
     dataset = make_preference_dataset(24)
-    kwargs = {"max_length": 256, "max_prompt_length": 192}
-    shared, standard = _prepared(True, dataset, tmp_path, **kwargs), _prepared(False, dataset, tmp_path, **kwargs)
-    columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
-    assert shared.select_columns(columns).to_list() == standard.select_columns(columns).to_list()
-    assert len(shared) == 24  # max_prompt_length truncates long prompts instead of dropping them
-    assert max(len(p) + max(len(c), len(r)) for p, c, r in zip(*(shared[c] for c in columns), strict=True)) <= 256
+    ours = _prepared(dataset, tmp_path, max_length=256, max_prompt_length=192)
+    trl = _trl_prepared(dataset, tmp_path)
+    expected = [
+        dict(zip(COLUMNS, truncate_example(*example, max_length=256, max_prompt_length=192), strict=True))
+        for example in zip(*(trl[column] for column in COLUMNS), strict=True)
+    ]
+    assert ours.select_columns(COLUMNS).to_list() == expected
+    assert len(ours) == 24  # max_prompt_length truncates long prompts instead of dropping them
+    assert max(len(p) + max(len(c), len(r)) for p, c, r in zip(*(ours[c] for c in COLUMNS), strict=True)) <= 256
     # A prompt is cut to its last 192 tokens only where prompt + the longer response overflow 256.
-    assert 192 in [len(p) for p in shared["prompt_ids"]]
+    assert 192 in [len(p) for p in ours["prompt_ids"]]
+    assert any(len(p) > 192 for p in trl["prompt_ids"]) and any(len(p) < 192 for p in ours["prompt_ids"])
 
 
 def test_long_prompts_dropped_without_max_prompt_length(tmp_path):
     dataset = make_preference_dataset(24)
     with pytest.warns(UserWarning, match="examples dropped"):
-        prepared = _prepared(True, dataset, tmp_path, max_length=200)
+        prepared = _prepared(dataset, tmp_path, max_length=200)
     assert 0 < len(prepared) < 24
 
 
@@ -65,16 +81,9 @@ def test_capybara_schema_trains_on_the_whole_shared_conversation(tmp_path):
     """The Capybara `prompt` (first user turn only) is dropped; the shared prefix is every common turn."""
     capybara = make_preference_dataset(8)
     assert isinstance(capybara[0]["prompt"], str) and isinstance(capybara[0]["chosen"], list)
-    ours = _prepared(True, capybara, tmp_path, max_length=None)
-    args = DPOConfig(output_dir=str(tmp_path), report_to="none", bf16=False, max_length=None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trl = DPOTrainer(
-            model=tiny_model("llama"), ref_model=tiny_model("llama"), args=args,
-            train_dataset=normalize_schema(capybara), processing_class=load_tokenizer(),
-        ).train_dataset  # fmt: skip
-    columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
-    assert ours.select_columns(columns).to_list() == trl.select_columns(columns).to_list()
+    ours = _prepared(capybara, tmp_path, max_length=None)
+    trl = _trl_prepared(capybara, tmp_path)
+    assert ours.select_columns(COLUMNS).to_list() == trl.select_columns(COLUMNS).to_list()
     tokenizer = load_tokenizer()
     for example, raw in zip(ours, capybara, strict=True):
         shared_turns = raw["chosen"][:-1]

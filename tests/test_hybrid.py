@@ -7,19 +7,13 @@ error 1e-5). The last test shows the fallback is needed: forced into the shared 
 import warnings
 
 import pytest
-from datasets import Dataset
-from dpo_harness import assert_same_step, make_trainers, relative_error, train_step
+from dpo_harness import assert_same_step, conversations, make_trainers, relative_error, train_step
 
 import collators
 import shared_layout
 from collators import unmasked_token_mixers
-from embedded import load_tokenizer, make_preference_dataset, tiny_model
-from preference_data import normalize_schema
+from embedded import load_tokenizer, tiny_model
 from prefix_dpo_trainer import PrefixDPOConfig, PrefixDPOTrainer
-
-
-def conversations() -> Dataset:
-    return normalize_schema(make_preference_dataset(4, seed=3, prompt_words=(20, 90), response_words=(3, 25)))
 
 
 @pytest.mark.parametrize(

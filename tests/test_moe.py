@@ -10,11 +10,8 @@ TRL's own standard-layout forward, and so are the loss and every gradient that f
 
 import pytest
 import torch
-from datasets import Dataset
-from dpo_harness import assert_same_step, make_trainers, relative_error, train_step
+from dpo_harness import assert_same_step, conversations, make_trainers, relative_error, train_step
 
-from embedded import make_preference_dataset
-from preference_data import normalize_schema
 from prefix_dpo_trainer import router_aux_loss
 
 QWEN3_MOE = ("qwen3_moe", "sdpa")
@@ -23,11 +20,6 @@ GPT_OSS = ("gpt_oss", "eager")  # attention sinks and sliding windows; transform
 DEEPSEEK_V3 = ("deepseek_v3", "sdpa")  # no auxiliary loss: DeepSeek-V3 balances its experts with router biases
 COEF = 0.05  # larger than the configs' 0.001, so that the auxiliary term is visible in the loss and the gradients
 PACKING_LENGTH = 384  # two or three examples a row
-
-
-def conversations() -> Dataset:
-    """Four multi-turn conversations of about 40 to 150 tokens."""
-    return normalize_schema(make_preference_dataset(4, seed=3, prompt_words=(20, 90), response_words=(3, 25)))
 
 
 @pytest.mark.parametrize(

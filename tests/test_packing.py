@@ -1,9 +1,16 @@
 """Packed rows (with and without prefix sharing) against trl.DPOTrainer on the same examples, float32 on CPU."""
 
 import pytest
-import torch
 from datasets import Dataset
-from dpo_harness import assert_same_step, conversational_rows, make_trainers, plain_text_rows, train_step
+from dpo_harness import (
+    assert_same_metrics,
+    assert_same_step,
+    conversational_rows,
+    conversations,
+    make_trainers,
+    plain_text_rows,
+    train_step,
+)
 
 from collators import shared_sequence_length
 
@@ -87,16 +94,22 @@ def test_packed_training_loop_uses_every_example_once(tmp_path):
     assert sorted(seen) == sorted(expected)
 
 
-def test_packed_evaluation(tmp_path):
-    """Evaluation goes through the packed batch sampler (unshuffled) and logs TRL's and the packing metrics."""
-    dataset = conversational_rows(8)
-    _, ours = make_trainers(dataset, packing_length=packing_length_for(dataset, True), tmp_path=tmp_path)
-    ours.args.per_device_eval_batch_size = 1
-    loader = ours.get_eval_dataloader(ours.train_dataset)
-    assert sum(len(batch["input_ids"]) // 2 for batch in loader) == len(dataset)
+def test_packed_evaluation_matches_trl(tmp_path):
+    """Evaluation goes through the packed batch sampler (unshuffled, several batches) and logs TRL's metrics, as
+    trl.DPOTrainer's evaluation logs them on the same batches of examples (it cannot pack, so it is given our plan of
+    batches), and the packing metrics."""
+    dataset = conversations(8)
+    trl_trainer, ours = make_trainers(
+        dataset, packing_length=packing_length_for(dataset, True), tmp_path=tmp_path, per_device_eval_batch_size=1
+    )
+    assert ours.train_dataset.to_list() == trl_trainer.train_dataset.to_list()
+    examples_per_batch = [len(batch["input_ids"]) // 2 for batch in ours.get_eval_dataloader(ours.train_dataset)]
+    assert sum(examples_per_batch) == len(dataset) and 1 < len(examples_per_batch) < len(dataset)
+    trl_trainer._get_eval_sampler = ours._get_eval_sampler
     metrics = ours.evaluate(ours.train_dataset)
-    assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
-    assert 0 < metrics["eval_packing/efficiency"] <= 1 and metrics["eval_rewards/accuracies"] >= 0
+    assert_same_metrics(metrics, trl_trainer.evaluate(trl_trainer.train_dataset))
+    assert 0 < metrics["eval_packing/efficiency"] <= 1
+    assert metrics["eval_packing/examples_per_row"] == pytest.approx(len(dataset) / len(examples_per_batch))
 
 
 def test_auto_packing_length(capsys):

@@ -6,131 +6,16 @@ share a prompt and responses (grouped), unpacked and packed, sdpa and eager, plu
 test shows the comparison fails when a response sees another response.
 """
 
-import copy
-import warnings
-from dataclasses import dataclass
-from typing import Any
-
 import mutations
 import pytest
 import torch
 from datasets import Dataset
-from dpo_harness import CONTEXT_SENSITIVE_INIT, RTOL, relative_error, responses_per_document
-from transformers import AutoModelForSequenceClassification
-from trl import RewardConfig, RewardTrainer
+from dpo_harness import RTOL, relative_error, responses_per_document
+from reward_harness import RewardStep, assert_same_reward_step, make_reward_trainers, reward_rows, reward_step
 
 from collators import layout_sizes, split_common_prefixes
-from embedded import load_tokenizer, make_grouped_preference_dataset, tiny_model_config
+from embedded import load_tokenizer
 from packing import row_tokens
-from preference_data import normalize_schema
-from prefix_reward_trainer import PrefixRewardConfig, PrefixRewardTrainer
-
-
-@dataclass
-class RewardStep:
-    loss: torch.Tensor
-    rewards: torch.Tensor
-    grads: dict[str, torch.Tensor]
-    metrics: dict[str, float]
-    batch: dict[str, Any]
-
-
-def reward_rows(conversational: bool = True, margin: bool = False, num_prompts: int = 2) -> Dataset:
-    """3 responses per prompt and their 3 pairs: every response in two pairs."""
-    dataset = make_grouped_preference_dataset(
-        num_prompts, 3, conversational=conversational, prompt_words=(20, 70), response_words=(4, 24), turns=(1, 2)
-    )
-    if conversational:
-        dataset = normalize_schema(dataset)  # TRL's RewardTrainer cannot read the Capybara `prompt` column
-    if margin:
-        dataset = dataset.add_column("margin", [0.25 * (i % 4) for i in range(len(dataset))])
-    return dataset
-
-
-def reward_model(attn_implementation: str) -> torch.nn.Module:
-    config = tiny_model_config("llama", num_labels=1, initializer_range=CONTEXT_SENSITIVE_INIT)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForSequenceClassification.from_config(
-            config, dtype=torch.float32, attn_implementation=attn_implementation
-        )
-    return model
-
-
-def make_reward_trainers(
-    dataset: Dataset,
-    attn_implementation: str = "sdpa",
-    prefix_sharing: bool = True,
-    packing_length: int | None = None,
-    group_by_prompt: bool = False,
-    tokenizer=None,
-    tmp_path=None,
-    ours_attn_implementation: str | None = None,
-    **config: Any,
-) -> tuple[RewardTrainer, PrefixRewardTrainer]:
-    """``ours_attn_implementation`` gives our side another attention backend than TRL's (flex_attention on a GPU)."""
-    model = reward_model(attn_implementation)
-    tokenizer = tokenizer or load_tokenizer()
-    packing = {} if packing_length is None else {"enable_packing": True, "packing_length": str(packing_length)}
-    common = dict(
-        report_to="none",
-        bf16=False,
-        gradient_checkpointing=False,
-        per_device_train_batch_size=len(dataset),
-        max_length=None,
-        **config,
-    )
-    trainers = []
-    for trainer_cls, config_cls, extra in (
-        (RewardTrainer, RewardConfig, {}),
-        (
-            PrefixRewardTrainer,
-            PrefixRewardConfig,
-            {"prefix_sharing": prefix_sharing, "group_by_prompt": group_by_prompt, **packing},
-        ),
-    ):
-        output_dir = str(tmp_path / trainer_cls.__name__) if tmp_path is not None else "/tmp/prefix-reward-tests"
-        args = config_cls(output_dir=output_dir, **common, **extra)
-        copied = copy.deepcopy(model)
-        if trainer_cls is PrefixRewardTrainer and ours_attn_implementation is not None:
-            copied.set_attn_implementation(ours_attn_implementation)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trainers.append(
-                trainer_cls(model=copied, args=args, train_dataset=dataset, processing_class=copy.copy(tokenizer))
-            )
-    return trainers[0], trainers[1]
-
-
-def reward_step(trainer: RewardTrainer, batch_transform=None) -> RewardStep:
-    """One loss + backward on the whole (tokenized) training set as a single batch, through the trainer's hooks."""
-    examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
-    batch = trainer._prepare_inputs(trainer.data_collator(examples))  # onto the trainer's device
-    if batch_transform is not None:
-        batch = batch_transform(batch)
-    trainer.model.train()
-    trainer.model.zero_grad()
-    trainer._metrics["train"].clear()
-    loss, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
-    loss.backward()
-    grads = {name: p.grad.detach().clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
-    metrics = {key: values[-1] for key, values in trainer._metrics["train"].items()}
-    return RewardStep(loss.detach(), outputs.logits.detach(), grads, metrics, batch)
-
-
-def assert_same_reward_step(ours: RewardStep, trl: RewardStep, rtol: float = RTOL) -> None:
-    assert relative_error(ours.loss, trl.loss) <= rtol, (ours.loss, trl.loss)
-    assert ours.rewards.shape == trl.rewards.shape
-    assert relative_error(ours.rewards, trl.rewards) <= rtol, (ours.rewards, trl.rewards)
-    scale = trl.rewards.abs().max().item()
-    for ours_reward, trl_reward in zip(ours.rewards.flatten().tolist(), trl.rewards.flatten().tolist(), strict=True):
-        assert abs(ours_reward - trl_reward) <= rtol * scale + 1e-6
-    assert ours.grads.keys() == trl.grads.keys()
-    assert sum(g.norm() for g in trl.grads.values()) > 0
-    for name, grad in trl.grads.items():
-        assert relative_error(ours.grads[name], grad) <= rtol, name
-    for key, value in trl.metrics.items():
-        assert abs(ours.metrics[key] - value) <= rtol * (abs(value) + scale) + 1e-6, (key, ours.metrics[key], value)
 
 
 def compare(dataset: Dataset, **kwargs) -> RewardStep:

@@ -10,28 +10,23 @@ import math
 import pytest
 import torch
 from accelerate.data_loader import IterableDatasetShard
-from datasets import Dataset
-from dpo_harness import RTOL, assert_same_step, make_trainers, train_step
+from dpo_harness import (
+    RTOL,
+    assert_same_metrics,
+    assert_same_step,
+    conversations,
+    make_trainers,
+    train_step,
+)
+from torch.utils.data import DataLoader
 
 from collators import shared_sequence_length
-from embedded import load_tokenizer, make_preference_dataset, tiny_model
+from embedded import load_tokenizer, tiny_model
 from packing import PackedStream
-from preference_data import normalize_schema
 from prefix_dpo_trainer import PrefixDPOConfig, PrefixDPOTrainer
 
 PACKING_LENGTH = 384
-
-
-def conversations(num_examples: int = 6, seed: int = 3) -> Dataset:
-    return normalize_schema(
-        make_preference_dataset(num_examples, seed=seed, prompt_words=(20, 90), response_words=(3, 25))
-    )
-
-
-def trainer_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """The metrics both trainers compute (not timings, not this project's token counters)."""
-    skipped = ("runtime", "per_second", "tokens/", "packing/")
-    return {key: value for key, value in metrics.items() if not any(word in key for word in skipped)}
+FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 
 @pytest.mark.parametrize("packing_length", [None, PACKING_LENGTH], ids=["sharing", "sharing+packing"])
@@ -46,10 +41,8 @@ def test_streamed_eval_set_matches_trl(packing_length):
     trl_metrics = trl_trainer.evaluate(eval_dataset=evaluation.to_iterable_dataset())
     ours_metrics = ours.evaluate(eval_dataset=evaluation.to_iterable_dataset())
     assert ours_metrics["eval_tokens/saved_share"] > 0  # the shared layout ran
-    expected = trainer_metrics(trl_metrics)
-    assert expected.keys() == trainer_metrics(ours_metrics).keys() and "eval_loss" in expected
-    for key, value in expected.items():
-        assert abs(ours_metrics[key] - value) <= RTOL * abs(value) + 1e-6, (key, ours_metrics[key], value)
+    assert "eval_loss" in trl_metrics
+    assert_same_metrics(ours_metrics, trl_metrics)
 
 
 def test_dispatching_is_turned_off_with_a_warning_when_asked_for(tmp_path):
@@ -184,16 +177,39 @@ def test_streamed_packed_training_matches_trl_batch_by_batch():
         assert_same_step(train_step(ours, examples=examples), train_step(trl_trainer, examples=examples))
 
 
-def test_streamed_packed_training_runs(tmp_path):
-    _, ours = make_trainers(
-        conversations(6).to_iterable_dataset(),
-        packing_length=PACKING_LENGTH,
-        per_device_train_batch_size=1,
-        max_steps=3,
-        tmp_path=tmp_path,
+def test_streamed_packed_training_matches_trl(tmp_path):
+    """``Trainer.train`` on a streamed, packed train set: every step logs the loss, gradient norm and metrics that
+    trl.DPOTrainer's ``train`` logs on the same examples, and the weights move as TRL's do. TRL cannot pack, so its
+    loader gives it, step by step, the examples of our packed rows. Plain SGD: the weight update is then the
+    gradient itself (Adam's first steps are about the gradient's sign, which rounding flips on near-zero entries)."""
+    steps = 2
+    config = dict(
+        per_device_train_batch_size=1, max_steps=steps, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant",
+        logging_steps=1, save_strategy="no", tmp_path=tmp_path,
+    )  # fmt: skip
+    dataset = conversations(6)
+    _, ours = make_trainers(dataset.to_iterable_dataset(), packing_length=PACKING_LENGTH, packing_window=3, **config)
+    trl_trainer, _ = make_trainers(dataset, **config)
+    stream = PackedStream(
+        ours.train_dataset, shared_sequence_length, PACKING_LENGTH, window_size=3, seed=ours.args.seed
     )
+    batches = list(itertools.islice(stream, steps))
+    assert all(len(examples) > 1 for examples in batches), "each step packs several examples"
+    loader = DataLoader(batches, batch_size=None, collate_fn=trl_trainer.data_collator)  # one item: one step
+    trl_trainer.get_train_dataloader = lambda: loader
+    initial = {name: parameter.detach().clone() for name, parameter in trl_trainer.model.named_parameters()}
     ours.train()
-    assert ours.state.global_step == 3 and ours.examples_trained > 3
+    trl_trainer.train()
+    assert ours.examples_trained == sum(len(examples) for examples in batches)
+    ours_logs, trl_logs = ours.state.log_history, trl_trainer.state.log_history
+    assert [log["step"] for log in trl_logs] == [1, 2, 2] and "loss" in trl_logs[0]
+    for ours_log, trl_log in zip(ours_logs, trl_logs, strict=True):
+        assert_same_metrics(ours_log, trl_log)
+    trl_weights = {name: parameter.detach() for name, parameter in trl_trainer.model.named_parameters()}
+    for name, parameter in ours.model.named_parameters():
+        # The updates agree to RTOL, up to the float32 rounding of the weights they were added to.
+        bound = RTOL * (trl_weights[name] - initial[name]).norm() + FLOAT32_EPS * trl_weights[name].norm()
+        assert (parameter.detach() - trl_weights[name]).norm() <= bound, name
 
 
 def test_auto_packing_length_on_a_stream_is_a_clear_error():
