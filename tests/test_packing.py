@@ -1,4 +1,6 @@
-"""Packed rows (with and without prefix sharing) against trl.DPOTrainer on the same examples, float32 on CPU."""
+"""Packed rows (with and without prefix sharing) against trl.DPOTrainer on the same examples, float32 on CPU, and
+FlexAttention's forward on them. The mutation tests show that these comparisons fail when packed documents see each
+other or the BlockMask is wrong."""
 
 import mutations
 import pytest
