@@ -332,6 +332,12 @@ def assert_same_metrics(ours: dict[str, float], trl: dict[str, float], rtol: flo
 
 def assert_flex_forward_matches(trl_trainer: DPOTrainer, ours: PrefixDPOTrainer, rtol: float = RTOL) -> None:
     """FlexAttention has no CPU backward, so its BlockMask is checked on the forward: the sequence log-probs."""
+    chosen_error, rejected_error = flex_forward_errors(trl_trainer, ours)
+    assert chosen_error <= rtol and rejected_error <= rtol, (chosen_error, rejected_error)
+
+
+def flex_forward_errors(trl_trainer: DPOTrainer, ours: PrefixDPOTrainer) -> tuple[float, float]:
+    """Relative errors of our chosen and rejected log-probs under FlexAttention (forward only) against TRL's."""
     ours.model.set_attn_implementation("flex_attention")
     examples = [ours.train_dataset[i] for i in range(len(ours.train_dataset))]
     with torch.no_grad():
@@ -339,8 +345,7 @@ def assert_flex_forward_matches(trl_trainer: DPOTrainer, ours: PrefixDPOTrainer,
         trl_chosen, trl_rejected = trl_trainer.compute_ref_log_probs(
             trl_trainer.model, trl_trainer.data_collator(examples)
         )
-    assert relative_error(ours_chosen, trl_chosen) <= rtol
-    assert relative_error(ours_rejected, trl_rejected) <= rtol
+    return relative_error(ours_chosen, trl_chosen), relative_error(ours_rejected, trl_rejected)
 
 
 def responses_per_document(shared: dict[str, torch.Tensor]) -> int:

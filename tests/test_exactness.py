@@ -157,16 +157,37 @@ def test_flex_attention_forward(model_type, overrides, fresh_compiler):
     assert_flex_forward_matches(trl_trainer, ours)
 
 
+@pytest.fixture(scope="module")
+def mutation_baseline():
+    """Our trainer and TRL's step for a model and backend, on ``conversational_rows()``, built once per module: a
+    mutation changes our side only, so the mutation tests of one model share TRL's step."""
+    built = {}
+
+    def baseline(model_type: str = "llama", overrides: dict | None = None, attn_implementation: str = "sdpa"):
+        key = (model_type, tuple(sorted((overrides or {}).items())), attn_implementation)
+        if key not in built:
+            trl_trainer, ours = make_trainers(
+                conversational_rows(),
+                model_type=model_type,
+                model_overrides=overrides,
+                attn_implementation=attn_implementation,
+            )
+            built[key] = ours, train_step(trl_trainer)
+        return built[key]
+
+    return baseline
+
+
 @pytest.mark.parametrize("mutation", ["rejected_sees_chosen", "positions_continue"])
-def test_comparison_fails_on_a_wrong_layout(mutation, monkeypatch):
+def test_comparison_fails_on_a_wrong_layout(mutation, monkeypatch, mutation_baseline):
     """The exactness comparison must catch the two ways prefix sharing can go wrong."""
-    trl_trainer, ours = make_trainers(conversational_rows())
+    ours, trl_step = mutation_baseline()
     transform = None
     if mutation == "rejected_sees_chosen":
         mutations.responses_see_each_other(monkeypatch)
     else:
         transform = mutations.positions_continue
-    ours_step, trl_step = train_step(ours, transform), train_step(trl_trainer)
+    ours_step = train_step(ours, transform)
     assert relative_error(ours_step.chosen_logps, trl_step.chosen_logps) <= 1e-5  # chosen rows are untouched
     assert relative_error(ours_step.rejected_logps, trl_step.rejected_logps) > 1e-3
     with pytest.raises(AssertionError):
@@ -199,3 +220,33 @@ def test_bf16_autocast_matches_trl_and_fails_on_a_wrong_layout(data):
         assert_each_close(wrong.rejected_logps, trl_step.rejected_logps, BF16_RTOL)
     for name, grad in trl_step.grads.items():
         assert relative_error(wrong.grads[name], grad) > BF16_GRAD_RTOL, name
+
+
+@pytest.mark.parametrize(
+    "model_type, overrides, attn_implementation, shift",
+    [
+        pytest.param(*MISTRAL_SLIDING.values, "sdpa", 1, id="mistral-sdpa-one-wider"),
+        pytest.param(*MISTRAL_SLIDING.values, "sdpa", -1, id="mistral-sdpa-one-narrower"),
+        pytest.param(*QWEN2_MIXED.values, "eager", 1, id="qwen2-mixed-eager-one-wider"),
+        pytest.param(*QWEN2_MIXED.values, "eager", -1, id="qwen2-mixed-eager-one-narrower"),
+    ],
+)
+def test_comparison_fails_on_a_window_off_by_one(
+    model_type, overrides, attn_implementation, shift, monkeypatch, mutation_baseline
+):
+    """A sliding window one token too wide or too narrow (the conversations are longer than the window of 24)."""
+    ours, trl_step = mutation_baseline(model_type, overrides, attn_implementation)
+    mutations.window_off_by(monkeypatch, shift)
+    mutations.assert_caught(train_step(ours), trl_step)
+
+
+def test_comparison_fails_when_the_head_reads_the_wrong_states(mutation_baseline):
+    ours, trl_step = mutation_baseline()
+    mutations.assert_caught(train_step(ours, mutations.score_index_shifted), trl_step)
+
+
+@pytest.mark.parametrize("mistake", ["boolean", "inverted", "zero_fill"])
+def test_comparison_fails_on_a_wrong_eager_mask(mistake, monkeypatch, mutation_baseline):
+    ours, trl_step = mutation_baseline(attn_implementation="eager")
+    mutations.eager_mask_wrong(monkeypatch, mistake)
+    mutations.assert_caught(train_step(ours), trl_step)

@@ -1,18 +1,24 @@
-"""Packed rows (with and without prefix sharing) against trl.DPOTrainer on the same examples, float32 on CPU."""
+"""Packed rows (with and without prefix sharing) against trl.DPOTrainer on the same examples, float32 on CPU, and
+FlexAttention's forward on them. The mutation tests show that these comparisons fail when packed documents see each
+other or the BlockMask is wrong."""
 
+import mutations
 import pytest
+import torch
 from datasets import Dataset
 from dpo_harness import (
+    assert_flex_forward_matches,
     assert_same_metrics,
     assert_same_step,
     conversational_rows,
     conversations,
+    flex_forward_errors,
     make_trainers,
     plain_text_rows,
     train_step,
 )
 
-from collators import shared_sequence_length
+from collators import BLOCK, shared_sequence_length
 
 
 def packing_length_for(dataset: Dataset, prefix_sharing: bool) -> int:
@@ -20,6 +26,12 @@ def packing_length_for(dataset: Dataset, prefix_sharing: bool) -> int:
     _, ours = make_trainers(dataset, prefix_sharing=prefix_sharing)
     lengths = [shared_sequence_length(example, prefix_sharing) for example in ours.train_dataset]
     return max(max(lengths), 2 * sorted(lengths)[len(lengths) // 2])
+
+
+def assert_packs_several_examples(shared: dict[str, torch.Tensor], prefix_sharing: bool) -> None:
+    """Some row holds two examples or more (each two documents without prefix sharing)."""
+    documents_per_row = [len(set(row.tolist()) - {-1}) for row in shared["sequence_ids"]]
+    assert max(documents_per_row) >= (2 if prefix_sharing else 4)
 
 
 def compare_packed(dataset: Dataset, prefix_sharing: bool, **kwargs) -> None:
@@ -30,8 +42,7 @@ def compare_packed(dataset: Dataset, prefix_sharing: bool, **kwargs) -> None:
     rows = shared["input_ids"].shape[0]
     assert shared["input_ids"].shape[1] == length  # every row padded to exactly the packing length
     assert 1 < rows < len(dataset), "the test must pack several examples into each of several rows"
-    documents_per_row = [len(set(row.tolist()) - {-1}) for row in shared["sequence_ids"]]
-    assert max(documents_per_row) >= (2 if prefix_sharing else 4)
+    assert_packs_several_examples(shared, prefix_sharing)
     assert_same_step(ours_step, train_step(trl_trainer))
 
 
@@ -55,6 +66,57 @@ def test_packed_loss_options(config):
 @pytest.mark.parametrize("prefix_sharing", [True, False], ids=["shared", "unshared"])
 def test_packed_precomputed_reference(prefix_sharing, tmp_path):
     compare_packed(conversational_rows(8), prefix_sharing, reference="precompute", tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "model_type, overrides, prefix_sharing",
+    [
+        pytest.param("llama", {}, True, id="llama-shared"),
+        pytest.param("llama", {}, False, id="llama-unshared"),
+        pytest.param("mistral", {"sliding_window": 24}, True, id="mistral-sliding-window-shared"),
+    ],
+)
+def test_packed_flex_attention_forward(model_type, overrides, prefix_sharing, fresh_compiler):
+    """FlexAttention's BlockMask on packed rows of several blocks, where documents meet inside blocks (forward only:
+    no CPU backward)."""
+    dataset = conversational_rows(8)
+    trl_trainer, ours = make_trainers(
+        dataset,
+        model_type=model_type,
+        model_overrides=overrides,
+        prefix_sharing=prefix_sharing,
+        packing_length=packing_length_for(dataset, prefix_sharing),
+    )
+    shared = ours.data_collator(list(ours.train_dataset))["shared_inputs"]
+    assert shared["input_ids"].shape[1] > 2 * BLOCK
+    assert_packs_several_examples(shared, prefix_sharing)
+    assert_flex_forward_matches(trl_trainer, ours)
+
+
+@pytest.mark.parametrize("prefix_sharing", [True, False], ids=["shared", "unshared"])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_comparison_fails_when_a_packed_document_sees_the_one_before(attn_implementation, prefix_sharing, monkeypatch):
+    dataset = Dataset.from_list(plain_text_rows() * 2)
+    trl_trainer, ours = make_trainers(
+        dataset,
+        attn_implementation=attn_implementation,
+        prefix_sharing=prefix_sharing,
+        packing_length=packing_length_for(dataset, prefix_sharing),
+    )
+    trl_step = train_step(trl_trainer)
+    mutations.documents_see_the_one_before(monkeypatch)
+    mutations.assert_caught(train_step(ours), trl_step)
+
+
+@pytest.mark.parametrize("mutation", [mutations.partial_blocks_full, mutations.mask_mod_reaches_one_further])
+def test_flex_comparison_fails_on_a_wrong_block_mask(mutation, monkeypatch, fresh_compiler):
+    """Rows of two blocks, where documents and responses start and end mid-block."""
+    dataset = Dataset.from_list(plain_text_rows() * 2)
+    trl_trainer, ours = make_trainers(dataset, packing_length=packing_length_for(dataset, True))
+    mutation(monkeypatch)
+    assert max(flex_forward_errors(trl_trainer, ours)) > mutations.CAUGHT
+    with pytest.raises(AssertionError):
+        assert_flex_forward_matches(trl_trainer, ours)
 
 
 def test_packing_logs_efficiency():

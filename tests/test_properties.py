@@ -1,7 +1,8 @@
 """Property tests (hypothesis) of the shared and packed layouts, over random lengths, batch sizes and packing lengths.
 
 The layout is checked against an independent re-derivation of what standard DPO computes: every token sees exactly
-the tokens it sees in the standard layout, at the same position, and every completion token of TRL's standard batch
+the tokens it sees in the standard layout, at the same position (under a sliding window, exactly those of the last
+``window`` standard positions), and every completion token of TRL's standard batch
 is read from the hidden state of its standard predecessor (``score_index`` through ``score_inverse``), the head
 scoring each distinct (state, label) once. The log-prob test runs a tiny
 context-sensitive float32 Llama through the project's shared forward (``add_shared_forward`` on TRL's fused LM head)
@@ -24,6 +25,8 @@ from packing import next_fit
 from prefix_dpo_trainer import add_shared_forward
 
 PAD = 0
+# Sliding windows: none (full attention), or from one token (each sees itself only) to longer than every sequence.
+WINDOWS = st.one_of(st.none(), st.integers(1, 16))
 VOCAB = (16, 2000)  # token ids drawn from here: no special tokens, all in the tiny model's vocabulary (2074)
 
 
@@ -106,9 +109,14 @@ def expected_spans(case: Case, sequence_ids: torch.Tensor) -> list[dict]:
     return spans
 
 
+def window_start(upto: int, window: int | None) -> int:
+    """The first standard position that the token at ``upto`` sees: ``window`` positions back, itself included."""
+    return 0 if window is None else max(0, upto + 1 - window)
+
+
 @settings(max_examples=50, deadline=None, derandomize=True)
-@given(cases())
-def test_layout_matches_the_standard_one(case: Case) -> None:
+@given(cases(), WINDOWS)
+def test_layout_matches_the_standard_one(case: Case, window: int | None) -> None:
     batch = collate(case)
     shared = batch["shared_inputs"]
     ids, positions = shared["input_ids"].flatten(), shared["position_ids"].flatten()
@@ -119,6 +127,7 @@ def test_layout_matches_the_standard_one(case: Case) -> None:
     elif case.pad_to_multiple_of:
         assert length % case.pad_to_multiple_of == 0
     mask = dense_mask(shared)[:, 0]  # (rows, query, key)
+    windowed = dense_mask(shared, window)[:, 0]
     spans = expected_spans(case, shared["sequence_ids"])
 
     # Every token: its id, its standard position, and exactly the keys it sees in the standard layout.
@@ -137,8 +146,12 @@ def test_layout_matches_the_standard_one(case: Case) -> None:
                 row, query = divmod(flat, length)
                 seen = (mask[row, query].nonzero().flatten() + row * length).tolist()
                 assert seen == sorted(sequence[: upto + 1]), (branch, upto)
+                in_window = (windowed[row, query].nonzero().flatten() + row * length).tolist()
+                assert in_window == sorted(sequence[window_start(upto, window) : upto + 1]), (branch, upto, window)
     # No query is fully masked (every token sees at least itself), so no softmax row is empty, padding included.
-    assert mask.diagonal(dim1=1, dim2=2).all()
+    assert mask.diagonal(dim1=1, dim2=2).all() and windowed.diagonal(dim1=1, dim2=2).all()
+    # A window only takes keys away, so what holds for padding below holds under it.
+    assert not (windowed & ~mask).any()
     # Padding: nothing real sees it, it sees nothing real.
     assert (sequences[~real] == PADDING_SEQUENCE).all() and (sequences[real] != PADDING_SEQUENCE).all()
     padding = (~real).view(rows, length)
@@ -233,10 +246,11 @@ def group_cases(draw: st.DrawFn) -> GroupCase:
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
-@given(group_cases())
-def test_group_layout_every_scored_state_sees_exactly_its_standard_prefix(case: GroupCase) -> None:
+@given(group_cases(), WINDOWS)
+def test_group_layout_every_scored_state_sees_exactly_its_standard_prefix(case: GroupCase, window: int | None) -> None:
     """Independently of how groups are laid out: each state ``score_index`` points at holds its standard sequence's
-    token at its standard position and sees exactly that sequence's earlier tokens, at their standard positions."""
+    token at its standard position and sees exactly that sequence's earlier tokens, at their standard positions;
+    under a sliding window, exactly those of the last ``window`` positions."""
     collator = PrefixSharingCollator(pad_token_id=PAD, packing_length=case.packing_length)
     examples = case.examples
     if case.packing_length:
@@ -247,7 +261,7 @@ def test_group_layout_every_scored_state_sees_exactly_its_standard_prefix(case: 
     shared = collators.build_shared_inputs(examples, rows, PAD, length=case.packing_length, score=case.score)
     ids, positions = shared["input_ids"].flatten(), shared["position_ids"].flatten()
     length = shared["input_ids"].shape[1]
-    mask = dense_mask(shared)[:, 0]
+    mask = dense_mask(shared, window)[:, 0]
     read_states = shared["score_index"][shared["score_inverse"]].tolist()
     scored = iter(read_states)
     read_labels = []
@@ -263,7 +277,8 @@ def test_group_layout_every_scored_state_sees_exactly_its_standard_prefix(case: 
                 row, query = divmod(flat, length)
                 keys = mask[row, query].nonzero().flatten() + row * length
                 seen = sorted(zip(positions[keys].tolist(), ids[keys].tolist(), strict=True))
-                assert seen == list(enumerate(tokens[: position + 1]))
+                first = window_start(position, window)
+                assert seen == list(enumerate(tokens[: position + 1]))[first:]
     assert next(scored, None) is None
     # Each distinct read once: a (state, label), or a state for the last token.
     assert len(shared["score_index"]) == len(set(zip(read_states, read_labels, strict=True)))
