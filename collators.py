@@ -15,13 +15,45 @@ chosen ones and their positions restart after the prompt::
                                                     r2        x  x  x  .  .  x  x  x
 
 Every token then sees exactly what it sees in the standard layout, at the same position, so the log-probabilities
-(and their gradients) are the standard ones. Packing puts several examples in one row, each its own document
-(``sequence_ids``); without prefix sharing an example is two documents, ``prompt+chosen`` and ``prompt+rejected``.
+(and their gradients) are the standard ones. Packing puts several examples in one row; without prefix sharing each
+sequence, ``prompt+chosen`` or ``prompt+rejected``, is a document of its own (``sequence_ids``).
 
-Groups. Pairs of a row whose prompts are the same tokens share one prompt, and a response that several of them hold
-is laid out once: the group is one document ``prompt | response 1 | ... | response K``, every distinct response its own
-branch (1..K), which sees the prompt and itself only, its positions restarting after the prompt. Three pairs of one
-prompt, ``(a, b)``, ``(a, c)`` and ``(c, b)`` (chosen first), take three responses, not six::
+Trees. With prefix sharing the sequences of a row (each example's ``prompt+chosen`` and ``prompt+rejected``; a reward
+pair's two sequences) form a prefix tree over their token ids. A node is a run of tokens that some sequences share at
+the same depth below the same parent: the model sees identical inputs there, so it computes identical states, and the
+node runs once. Nodes are laid out depth first, a node's positions continue from its parent's (a position is a
+depth), and every token carries its *subtree end*: the end of the span of the row that descends from its node. Each
+top-level node starts a document. A key is seen by a query iff it is not after the query and the query lies before
+the key's subtree end (and, for sliding-window layers, within the window in position space): a query sees exactly its
+ancestors and the tokens of its node before it, its standard context. One comparison per pair, and whole blocks of the
+mask decided from their extremes (``block_mask``). Two examples whose prompts start with a system prompt ``s0 s1``
+and then differ (``a0``, ``b0 b1``); the first one's chosen ``x0 x1`` and rejected ``x0 y1`` share their first token
+(``a0 x0`` is one node: nothing branches between them)::
+
+    tokens      s0 s1 a0 x0 x1 y1 b0 b1 c0 r0 r1      query \\ key  s0 s1 a0 x0 x1 y1 b0 b1 c0 r0 r1
+    positions    0  1  2  3  4  4  2  3  4  4  5          s0        x
+    subtree end 11 11  6  6  5  6 11 11  9 11 11          s1        x  x
+                                                          a0        x  x  x
+    s0 s1 -+- a0 x0 -+- x1                                x0        x  x  x  x
+           |         +- y1                                x1        x  x  x  x  x
+           +- b0 b1 -+- c0                                y1        x  x  x  x  .  x
+                     +- r0 r1                             b0        x  x  .  .  .  .  x
+                                                          b1        x  x  .  .  .  .  x  x
+    first pair:  x0 <- a0  x1 <- x0   x0 <- a0  y1 <- x0  c0        x  x  .  .  .  .  x  x  x
+    second pair: c0 <- b1   r0 <- b1  r1 <- r0            r0        x  x  .  .  .  .  x  x  .  x
+                                                          r1        x  x  .  .  .  .  x  x  .  x  x
+
+Eleven tokens run where standard DPO runs 21 and pairwise prefix sharing 14; both responses of the first pair read
+``x0`` at ``a0``, scored once (``score_inverse``). Tokens merge only where their whole context is the same tokens, so
+a response that is a prefix of the other, or a sequence that a later prompt extends (the turns of one conversation,
+one example per turn), is the first part of a longer path. Without prefix sharing every sequence is its own tree, a
+single node; ``group_prompts=False`` (the paper's pairwise layout, the benchmarks' baseline) makes every pair its own
+tree: ``prompt | chosen | rejected``, except that a start the two responses share also runs once.
+
+Groups are the depth-one case: pairs of one prompt share it, and a response that several of them hold is laid out
+once, every distinct response its own branch, which sees the prompt and itself only, its positions restarting after
+the prompt. Three pairs of one prompt, ``(a, b)``, ``(a, c)`` and ``(c, b)`` (chosen first), take three responses,
+not six::
 
     tokens     p0 p1 a0 a1 b0 c0 c1 c2          query \\ key  p0 p1 a0 a1 b0 c0 c1 c2
     positions   0  1  2  3  2  2  3  4              p0        x
@@ -33,13 +65,7 @@ prompt, ``(a, b)``, ``(a, c)`` and ``(c, b)`` (chosen first), take three respons
                                                     c1        x  x  .  .  .  x  x
                                                     c2        x  x  .  .  .  x  x  x
 
-Two pairs read the states of ``a``; the head scores them once (``score_inverse``). TRL's batch has one chosen and one
-rejected row per pair. A pair alone is the group of one pair (chosen branch 1, rejected branch 2), so one function lays
-out both, and one mask rule covers both. The layout is a tree laid out depth-first (the prompt, then each response),
-and every token carries its *subtree end*: the end of the span of the row that descends from it, the document's end
-for a prompt token, its own response's end for a response token. A key is seen by a query iff it is not after the
-query and the query lies before the key's subtree end (and, for sliding-window layers, within the window in position
-space): one comparison per pair, and whole blocks of the mask decided from their extremes (``block_mask``).
+Two pairs read the states of ``a``, scored once. TRL's batch has one chosen and one rejected row per pair.
 
 The collators emit TRL's own standard batch (DPO: ``input_ids``, ``attention_mask``, ``completion_mask`` laid out as
 ``[chosen rows; rejected rows]``; reward models: ``input_ids``, ``attention_mask``, ``margin``) so that TRL's loss and
@@ -57,7 +83,7 @@ the collator may run in dataloader workers, and a ``BlockMask`` (which holds a c
 """
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -67,9 +93,6 @@ from trl.trainer.reward_trainer import DataCollatorForPreference as RewardDataCo
 
 from packing import Size, next_fit
 
-PROMPT = 0
-# The branches of a pair laid out alone; a group numbers its distinct responses 1..K in order of first appearance.
-CHOSEN, REJECTED = 1, 2
 PADDING_SEQUENCE = -1
 RESPONSES = ("chosen_ids", "rejected_ids")
 # Attention backends that take an arbitrary mask through transformers' attention interface.
@@ -115,11 +138,30 @@ def layout_sizes(
     return sizes
 
 
-def prompt_rows(examples: Sequence[dict[str, Sequence[int]]]) -> list[list[int]]:
-    """One row per distinct prompt, in order of first appearance: the unpacked layout of a batch."""
+# Unpacked, prompts that start with this many tokens in common share a row, as one tree. Each shared token saves a
+# token's projections and MLP, about 24 d^2 FLOPs a layer (d: hidden size); but a dense mask (sdpa, eager) scores
+# every query against every key of its row, masked or not, so two rows of n1 and n2 tokens merged cost about 2 n1 n2
+# more scores of about 4 d FLOPs each. They break even near n1 n2 / (3 d) shared tokens: about 80 for two 1k-token
+# examples of a 7B-sized model (d = 4096), fewer for smaller models or shorter examples. A system prompt or tool block
+# is usually hundreds of tokens and gains; a BOS token or chat-template header (a few tokens) never merges rows.
+# FlexAttention skips the masked blocks between the trees, so under it merging only saves.
+MIN_SHARED_PREFIX = 64
+
+
+def prompt_rows(
+    examples: Sequence[dict[str, Sequence[int]]], min_shared_prefix: int = MIN_SHARED_PREFIX
+) -> list[list[int]]:
+    """The unpacked layout of a batch: a row for each set of examples whose prompts start with the same
+    ``min_shared_prefix`` tokens (or are the same shorter prompt), in order of first appearance.
+
+    >>> prompt_rows([{"prompt_ids": [1, 2, 3]}, {"prompt_ids": [4]}, {"prompt_ids": [1, 2, 5]}], min_shared_prefix=2)
+    [[0, 2], [1]]
+    >>> prompt_rows([{"prompt_ids": [1, 2, 3]}, {"prompt_ids": [4]}, {"prompt_ids": [1, 2, 5]}, {"prompt_ids": [4]}])
+    [[0], [1, 3], [2]]
+    """
     rows: dict[tuple[int, ...], list[int]] = {}
     for index, example in enumerate(examples):
-        rows.setdefault(tuple(example["prompt_ids"]), []).append(index)
+        rows.setdefault(tuple(example["prompt_ids"][:min_shared_prefix]), []).append(index)
     return list(rows.values())
 
 
@@ -184,54 +226,90 @@ def split_common_prefixes(examples: Sequence[dict[str, Any]]) -> list[dict[str, 
     return split
 
 
+@dataclass(eq=False)
+class _Node:
+    """A run of tokens that some of a row's sequences share, at the same depth below the same parent, and the runs
+    that continue it, keyed by their first token (in order of first appearance, which is the layout order)."""
+
+    tokens: list[int]
+    children: dict[int, "_Node"] = field(default_factory=dict)
+    start: int = 0  # where the run lies in its row
+    end: int = 0  # where its subtree's span ends
+
+
+def _insert(root: _Node, sequence: list[int]) -> None:
+    """Adds ``sequence`` to the trie below ``root``: it follows the runs it continues, splits the run it leaves part
+    way through, and ends in a new run holding the rest. A sequence that ends inside a run (a response that is a
+    prefix of another, a whole sequence that a later prompt extends) splits nothing: it is that run's first tokens."""
+    node, at = root, 0
+    while at < len(sequence):
+        child = node.children.get(sequence[at])
+        if child is None:
+            node.children[sequence[at]] = _Node(sequence[at:])
+            return
+        shared = common_prefix_length(child.tokens, sequence[at : at + len(child.tokens)])
+        if at + shared == len(sequence):
+            return
+        if shared < len(child.tokens):
+            head = _Node(child.tokens[:shared], {child.tokens[shared]: child})
+            child.tokens = child.tokens[shared:]
+            node.children[sequence[at]] = child = head
+        node, at = child, at + shared
+
+
+def _placement(root: _Node, sequence: list[int]) -> list[int]:
+    """The row offset of each token of ``sequence`` in its laid-out trie: the runs of its path, in order."""
+    at: list[int] = []
+    node = root
+    while len(at) < len(sequence):
+        node = node.children[sequence[len(at)]]
+        at.extend(range(node.start, node.start + min(len(node.tokens), len(sequence) - len(at))))
+    return at
+
+
 def _lay_out_row(
     examples: Sequence[dict[str, Sequence[int]]], row: Sequence[int], share_prompt: bool, group_prompts: bool
-) -> tuple[list[int], list[int], list[int], list[int], dict[tuple[int, str], tuple[int, int]]]:
+) -> tuple[list[int], list[int], list[int], list[int], dict[tuple[int, str], list[int]]]:
     """One row's ids, positions, documents and subtree ends, and where each example's sequences lie in it: for every
-    (example, response column), the row offsets of the prompt copy and of the response that make the sequence."""
+    (example, response column), the row offset of each token of ``prompt + response``.
+
+    The row's sequences go into tries: one for the row (prefix sharing), one per example (``group_prompts=False``:
+    each pair alone) or one per sequence (``share_prompt=False``: plain packing). Each run at the top of a trie
+    starts a document, laid out depth first: a run's positions continue from its parent's (a position is a depth),
+    and its tokens are seen up to the end of its subtree's span.
+    """
+    tries: dict[Hashable, _Node] = {}
+    sequences: dict[tuple[int, str], tuple[_Node, list[int]]] = {}
+    for index in row:
+        for column in RESPONSES:
+            key = None if share_prompt and group_prompts else index if share_prompt else (index, column)
+            root = tries.setdefault(key, _Node([]))
+            sequence = [*examples[index]["prompt_ids"], *examples[index][column]]
+            _insert(root, sequence)
+            sequences[index, column] = root, sequence
+
     ids: list[int] = []
     positions: list[int] = []
-    sequences: list[int] = []
+    documents: list[int] = []
     ends: list[int] = []
-    spans: dict[tuple[int, str], tuple[int, int]] = {}
-
-    def append(tokens: Sequence[int], first_position: int, document: int) -> int:
-        start = len(ids)
-        ids.extend(tokens)
-        positions.extend(range(first_position, first_position + len(tokens)))
-        sequences.extend([document] * len(tokens))
-        ends.extend([len(ids)] * len(tokens))  # a response is seen up to its own end
-        return start
-
-    def close(start: int, prompt_length: int) -> None:
-        """A document is done: its prompt is seen up to the document's end."""
-        ends[start : start + prompt_length] = [len(ids)] * prompt_length
-
-    if not share_prompt:
-        for document, index in enumerate(row):
-            prompt = examples[index]["prompt_ids"]
-            for number, column in enumerate(RESPONSES):
-                prompt_at = append(prompt, 0, 2 * document + number)
-                spans[index, column] = (prompt_at, append(examples[index][column], len(prompt), 2 * document + number))
-                close(prompt_at, len(prompt))
-        return ids, positions, sequences, ends, spans
-
-    groups: dict[Hashable, list[int]] = {}
-    for index in row:
-        groups.setdefault(tuple(examples[index]["prompt_ids"]) if group_prompts else index, []).append(index)
-    for document, members in enumerate(groups.values()):
-        prompt = examples[members[0]]["prompt_ids"]
-        prompt_at = append(prompt, 0, document)
-        response_at: dict[Hashable, int] = {}
-        for index in members:
-            for column in RESPONSES:
-                response = examples[index][column]
-                key = tuple(response) if group_prompts else column
-                if key not in response_at:
-                    response_at[key] = append(response, len(prompt), document)
-                spans[index, column] = (prompt_at, response_at[key])
-        close(prompt_at, len(prompt))
-    return ids, positions, sequences, ends, spans
+    for document, top in enumerate(top for root in tries.values() for top in root.children.values()):
+        laid_out: list[_Node] = []
+        pending = [(top, 0)]
+        while pending:
+            node, depth = pending.pop()
+            node.start = len(ids)
+            laid_out.append(node)
+            ids.extend(node.tokens)
+            positions.extend(range(depth, depth + len(node.tokens)))
+            pending.extend((child, depth + len(node.tokens)) for child in reversed(node.children.values()))
+        documents.extend([document] * (len(ids) - len(documents)))
+        for node in reversed(laid_out):  # children before their parents: a span ends where its last child's does
+            last = next(reversed(node.children.values()), None)
+            node.end = node.start + len(node.tokens) if last is None else last.end
+        for node in laid_out:
+            ends.extend([node.end] * len(node.tokens))
+    placements = {key: _placement(root, sequence) for key, (root, sequence) in sequences.items()}
+    return ids, positions, documents, ends, placements
 
 
 def build_shared_inputs(
@@ -248,18 +326,19 @@ def build_shared_inputs(
     """Lays out ``examples`` (tokenized pairs) in ``rows`` (lists of example indices, each example in one) for one
     forward.
 
-    Returns ``input_ids``, ``position_ids``, ``sequence_ids`` (document index in its row, -1 for padding) and
-    ``subtree_end`` (for each token, the end of the span of the row that sees it: its document's end for a prompt
-    token, its response's end for a response token, the next index for padding), all ``(num_rows, length)``, and what
-    the head reads. The standard reads are those of the chosen sequences of all examples in the order of ``examples``,
-    then of the rejected ones, matching TRL's ``[chosen rows; rejected rows]`` batch. ``score="next_token"``: every
+    Returns ``input_ids``, ``position_ids``, ``sequence_ids`` (document, that is tree, index in its row, -1 for
+    padding) and ``subtree_end`` (for each token, the end of the span of the row that sees it: its subtree's, the next
+    index for padding), all ``(num_rows, length)``, and what the head reads. The standard reads are those of the
+    chosen sequences of all examples in the order of ``examples``, then of the rejected ones, matching TRL's
+    ``[chosen rows; rejected rows]`` batch. ``score="next_token"``: every
     completion token, read at the state that predicts it; ``"last_token"``: every sequence, read at the state of its
     last token that is not ``pad_token_id`` (its first token if there is none), where TRL's sequence classifier reads.
     ``score_index`` holds the flat index of the state of each distinct read (a (state, label) for ``"next_token"``, a
     state for ``"last_token"``), in order of first appearance, and ``score_inverse`` the entry of each standard read.
-    With ``share_prompt`` the pairs of a row whose prompts are the same tokens form one group (see the module
-    docstring); ``group_prompts=False`` lays every pair out alone instead, as the paper does. ``num_rows`` pads the
-    layout with empty rows (all padding, nothing scored), so that a short last batch has the same shape as the others.
+    With ``share_prompt`` the sequences of a row form one prefix tree (see the module docstring);
+    ``group_prompts=False`` makes every pair its own tree instead, as the paper lays pairs out; ``share_prompt=False``
+    every sequence its own document (plain packing). ``num_rows`` pads the layout with empty rows (all padding,
+    nothing scored), so that a short last batch has the same shape as the others.
 
     >>> example = {"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [3, 4]}
     >>> shared = build_shared_inputs([example], [[0]], 0)
@@ -273,9 +352,15 @@ def build_shared_inputs(
     >>> shared["subtree_end"].tolist(), shared["score_index"].tolist(), shared["score_inverse"].tolist()
     ([[8, 8, 8, 5, 5, 7, 7, 8]], [2, 3, 2, 5, 2], [0, 1, 0, 1, 2, 3, 4])
     """
-    placed = sorted(index for row in rows for index in row)
-    if placed != list(range(len(examples))):
+    if sorted(index for row in rows for index in row) != list(range(len(examples))):
         raise ValueError(f"The rows must hold each of the {len(examples)} examples exactly once, got {list(rows)}.")
+    if score == "next_token":
+        empty = next((index for index, example in enumerate(examples) if not example["prompt_ids"]), None)
+        if empty is not None:
+            raise ValueError(
+                f"Example {empty} has an empty prompt: its first response token is predicted from the last prompt "
+                "token, so every example needs at least one."
+            )
     if num_rows is not None:
         if len(rows) > num_rows:
             raise ValueError(f"The batch needs {len(rows)} rows but the layout has {num_rows}.")
@@ -288,8 +373,9 @@ def build_shared_inputs(
         raise ValueError(f"A row needs {natural} tokens but the layout length is {length}.")
 
     input_ids, position_ids, sequence_ids, subtree_end = [], [], [], []
-    spans: dict[tuple[int, str], tuple[int, int]] = {}
-    for row_number, (ids, positions, sequences, ends, row_spans) in enumerate(laid_out):
+    # Where each standard sequence's tokens lie: its row's flat offset and their offsets in the row.
+    placed: dict[tuple[int, str], tuple[int, list[int]]] = {}
+    for row_number, (ids, positions, sequences, ends, placements) in enumerate(laid_out):
         padding = length - len(ids)
         input_ids.append(ids + [pad_token_id] * padding)
         # Padding continues the positions so that no position exceeds the model's range more than a real token does.
@@ -297,8 +383,7 @@ def build_shared_inputs(
         sequence_ids.append(sequences + [PADDING_SEQUENCE] * padding)
         # A padding token sees itself only: no real token sees it, and its attention row is never empty.
         subtree_end.append(ends + list(range(len(ids) + 1, length + 1)))
-        offset = row_number * length
-        spans.update({key: (offset + at, offset + response) for key, (at, response) in row_spans.items()})
+        placed.update({key: (row_number * length, at) for key, at in placements.items()})
 
     # What the head scores, once per distinct read: a (state, label) for DPO, where one state can predict several
     # labels (the last prompt token, the first token of each response); a state for a reward model.
@@ -307,16 +392,14 @@ def build_shared_inputs(
     for column in RESPONSES:
         for index, example in enumerate(examples):
             prompt, response = example["prompt_ids"], example[column]
-            prompt_at, response_at = spans[index, column]
-            # Standard position i of this sequence lies at prompt_at + i in the prompt, at response_at + i - p after.
-            p = len(prompt)
-            at = [*range(prompt_at, prompt_at + p), *range(response_at, response_at + len(response))]
+            offset, at = placed[index, column]  # standard position i of this sequence lies at offset + at[i]
             if score == "next_token":
-                sequence_reads = [(at[p - 1 + i], label) for i, label in enumerate(response)]
+                p = len(prompt)
+                sequence_reads = [(offset + at[p - 1 + i], label) for i, label in enumerate(response)]
             else:
                 tokens = [*prompt, *response]
                 last = max((i for i, token in enumerate(tokens) if token != pad_token_id), default=0)
-                sequence_reads = [(at[last], None)]
+                sequence_reads = [(offset + at[last], None)]
             score_inverse += [reads.setdefault(read, len(reads)) for read in sequence_reads]
 
     return {
@@ -334,16 +417,18 @@ class SharedLayoutCollator:
     """The fields and the layout step of the collators below (mixed into TRL's DPO and reward collators).
 
     Without ``packing_length`` each prompt of the batch gets a row of its own (holding all the batch's pairs of that
-    prompt), padded to a multiple of ``shared_pad_to_multiple_of`` (FlexAttention's blocks are 128 tokens, so unpacked
-    lengths come in few sizes). With it, the examples are packed in order into rows of exactly ``packing_length``
-    tokens, a new row starting when the next example does not fit, counting only what the row does not hold yet (its
-    prompt, a response it already has), and consecutive pairs of one prompt kept in one row where they fit one
-    (``packing.next_fit``): the packed batch sampler hands them over row by row. ``share_prompt=False``
-    packs ``prompt+chosen`` and ``prompt+rejected`` as two documents (plain DPO packing). ``group_prompts=False`` lays
-    every pair out alone, as the paper does (the benchmark's pairwise baseline). ``batch_rows`` is the loader's rows
-    per batch, which a packed batch never exceeds. ``static_rows`` (for compiled attention) pads every layout to that
-    many rows, so that a short last batch compiles to no new shape; an unpacked batch whose pairs share rows is padded
-    to a power of two of its rows instead (at most ``batch_rows``). Examples must already fit ``max_length``.
+    prompt), and so does each set of prompts that start with the same ``min_shared_prefix`` tokens (a system prompt
+    or tool block: see ``MIN_SHARED_PREFIX``), one tree per row, padded to a multiple of ``shared_pad_to_multiple_of``
+    (FlexAttention's blocks are 128 tokens, so unpacked lengths come in few sizes). With it, the examples are packed
+    in order into rows of exactly ``packing_length`` tokens, a new row starting when the next example does not fit,
+    counting only what the row does not hold yet (its prompt, a response it already has), and consecutive pairs of one
+    prompt kept in one row where they fit one (``packing.next_fit``): the packed batch sampler hands them over row by
+    row. ``share_prompt=False`` packs ``prompt+chosen`` and ``prompt+rejected`` as two documents (plain DPO packing).
+    ``group_prompts=False`` makes every pair its own tree, as the paper lays pairs out (the benchmark's pairwise
+    baseline). ``batch_rows`` is the loader's rows per batch, which a packed batch never exceeds. ``static_rows`` (for
+    compiled attention) pads every layout to that many rows, so that a short last batch compiles to no new shape; an
+    unpacked batch whose pairs share rows is padded to a power of two of its rows instead (at most ``batch_rows``).
+    Examples must already fit ``max_length``.
     """
 
     shared_pad_to_multiple_of: int | None = None
@@ -352,6 +437,7 @@ class SharedLayoutCollator:
     group_prompts: bool = True
     batch_rows: int | None = None
     static_rows: bool = False
+    min_shared_prefix: int = MIN_SHARED_PREFIX
 
     def layout_rows(self, examples: Sequence[dict[str, Sequence[int]]]) -> list[list[int]]:
         """The rows ``examples`` take (lists of their indices), before any padding rows."""
@@ -360,7 +446,9 @@ class SharedLayoutCollator:
             sizes = layout_sizes(examples, self.share_prompt, self.group_prompts)
             prompts = [tuple(example["prompt_ids"]) for example in examples] if grouped else None
             return next_fit(sizes, self.packing_length, prompts, self.batch_rows)
-        return prompt_rows(examples) if grouped else [[index] for index in range(len(examples))]
+        if not grouped:
+            return [[index] for index in range(len(examples))]
+        return prompt_rows(examples, self.min_shared_prefix)
 
     def shared_inputs(self, examples: Sequence[dict[str, Sequence[int]]], score: Score) -> dict[str, torch.Tensor]:
         num_rows = self.batch_rows if self.static_rows else None

@@ -1,5 +1,6 @@
-"""TRL's DPOTrainer with prefix sharing: one forward per example over ``prompt | chosen | rejected``, and one per
-group of pairs that share a prompt.
+"""TRL's DPOTrainer with prefix sharing: one forward per example over ``prompt | chosen | rejected``, and, across
+the examples of a row, every prefix that their sequences share once (a prompt that pairs share, a system prompt,
+earlier turns: the prefix tree of ``collators.py``).
 
 Only the computation of per-token log-probabilities changes. The collator adds the shared layout to TRL's standard
 batch; the model's forward (already given TRL's fused LM head) runs the shared layout and hands back its per-token
@@ -124,8 +125,9 @@ def router_aux_loss(router_logits: tuple[torch.Tensor, ...], config, tokens: tor
 
     It is the Switch Transformer loss ``E * sum_e f_e * P_e`` (``f_e`` the share of top-k assignments to expert ``e``,
     ``P_e`` its mean router probability, both over all layers and the given tokens). In the shared layout every
-    prompt token runs once, so it is that loss over ``prompt | chosen | rejected``; TRL's standard layout runs, and
-    counts, each prompt token twice. Packing without sharing runs the same tokens as TRL, so the value is TRL's.
+    token of a row's prefix tree runs once (each prompt token once, and a start that sequences share once), so it is
+    that loss over the tree; TRL's standard layout runs, and counts, each prompt token twice. Packing without sharing
+    runs the same tokens as TRL, so the value is TRL's.
     """
     text_config = config.get_text_config()
     return load_balancing_loss_func(
@@ -134,8 +136,8 @@ def router_aux_loss(router_logits: tuple[torch.Tensor, ...], config, tokens: tor
 
 
 class PrefixDPOTrainer(SharedLayoutTrainer, DPOTrainer):
-    """``DPOTrainer`` that computes per-token log-probs from one forward per example or group of pairs of one prompt
-    (``prefix_sharing``), and/or over packed rows (``enable_packing``).
+    """``DPOTrainer`` that computes per-token log-probs from one forward over each row's prefix tree, every shared
+    prefix once (``prefix_sharing``), and/or over packed rows (``enable_packing``).
 
     With both off it is TRL's trainer, plus the token counters it logs and the shared truncation rule
     (``max_prompt_length``). Policy, reference model, ``precompute_ref_log_probs`` and evaluation all use the same

@@ -55,8 +55,9 @@ class SharedLayoutArguments:
     prefix_sharing: bool = field(
         default=False,
         metadata={
-            "help": "Run each pair once as `prompt | chosen | rejected` instead of two sequences; pairs of one prompt "
-            "in a batch (or packed row) share it, and a response they share runs once."
+            "help": "Run each pair once as `prompt | chosen | rejected` instead of two sequences; every prefix that "
+            "sequences of a batch row (or packed row) share runs once: pairs of one prompt share it, a response they "
+            "share runs once, and so do a common system prompt and earlier turns."
         },
     )
     enable_packing: bool = field(

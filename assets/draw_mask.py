@@ -19,8 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the project's modules live in the repository root
     sys.path.insert(0, str(ROOT))
 
-from collators import CHOSEN, PROMPT, REJECTED, build_shared_inputs, dense_mask  # noqa: E402
+from collators import build_shared_inputs, dense_mask  # noqa: E402
 
+# Segments of a pair laid out alone, numbered as the branches of its tree: the prompt, then each response.
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
 SEGMENT_COLORS = {PROMPT: "#4c72b0", CHOSEN: "#55a868", REJECTED: "#dd8452"}
 SEGMENT_LETTERS = {PROMPT: "p", CHOSEN: "c", REJECTED: "r"}
 PADDING_COLOR = "#b0b0b0"

@@ -348,12 +348,26 @@ def flex_forward_errors(trl_trainer: DPOTrainer, ours: PrefixDPOTrainer) -> tupl
     return relative_error(ours_chosen, trl_chosen), relative_error(ours_rejected, trl_rejected)
 
 
+def tree_tokens(sequences) -> int:
+    """Tokens the prefix tree of ``sequences`` holds, counted independently of the layout: their distinct non-empty
+    prefixes (a token of the tree is the last token of the prefix that leads to it)."""
+    return len({tuple(sequence[:end]) for sequence in sequences for end in range(1, len(sequence) + 1)})
+
+
+def leaves(shared: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``(rows, length)``, True at the last token of each leaf of the layout's trees (a sequence that no other one
+    extends): a real token whose subtree ends right after it. Any other token's subtree holds the rest of its node
+    and its node's children."""
+    index = torch.arange(1, shared["subtree_end"].shape[1] + 1)
+    return (shared["subtree_end"] == index) & (shared["sequence_ids"] != collators.PADDING_SEQUENCE)
+
+
 def responses_per_document(shared: dict[str, torch.Tensor]) -> int:
-    """The most responses one document of a layout holds: each response ends its own subtree, and the prompt's
-    subtree ends with the last response."""
+    """The most leaves one document of a layout holds: its distinct responses, when none is a prefix of another."""
+    ends = leaves(shared)
     counts = [
-        len(set(ends[sequences == document].tolist()))
-        for sequences, ends in zip(shared["sequence_ids"], shared["subtree_end"], strict=True)
+        int(ends[row][sequences == document].sum())
+        for row, sequences in enumerate(shared["sequence_ids"])
         for document in set(sequences.tolist()) - {collators.PADDING_SEQUENCE}
     ]
     return max(counts)

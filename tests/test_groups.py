@@ -19,6 +19,7 @@ from dpo_harness import (
     relative_error,
     responses_per_document,
     train_step,
+    tree_tokens,
 )
 
 from collators import layout_sizes
@@ -42,7 +43,8 @@ def grouped_rows(num_prompts: int = 2, responses: int = 4, conversational: bool 
 
 
 def token_counts(examples: list[dict]) -> dict[str, int]:
-    """Standard DPO, pairwise prefix sharing and groups (each prompt once, each distinct response once)."""
+    """Standard DPO, pairwise prefix sharing, groups (each prompt once, each distinct response once) and the tree of
+    each prompt's sequences (a start that responses share also once)."""
     prompts: dict[tuple, set] = {}
     for example in examples:
         responses = prompts.setdefault(tuple(example["prompt_ids"]), set())
@@ -51,6 +53,9 @@ def token_counts(examples: list[dict]) -> dict[str, int]:
         "standard": sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples),
         "pairwise": sum(len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples),
         "grouped": sum(len(prompt) + sum(map(len, responses)) for prompt, responses in prompts.items()),
+        "tree": sum(
+            tree_tokens([prompt + response for response in responses]) for prompt, responses in prompts.items()
+        ),
     }
 
 
@@ -72,13 +77,20 @@ def test_groups_match_trl(attn_implementation, data):
 
 
 def test_tokens_computed_is_the_grouped_bound():
-    """``tokens/computed`` counts each prompt once per group and each distinct response once: the grouped bound,
-    below pairwise prefix sharing; ``tokens/standard_dpo`` is standard DPO's count."""
+    """``tokens/computed`` counts each prompt once per group and each distinct response once, a start that
+    responses share once too (the tree of the group's sequences): at most the grouped bound, below pairwise prefix
+    sharing; ``tokens/standard_dpo`` is standard DPO's count."""
     dataset = grouped_rows(num_prompts=3, responses=4)
     _, ours = make_trainers(dataset)
     step = train_step(ours)
     counts = token_counts(list(ours.train_dataset))
-    assert step.metrics["tokens/computed"] == counts["grouped"] < counts["pairwise"] < counts["standard"]
+    assert (
+        step.metrics["tokens/computed"]
+        == counts["tree"]
+        <= counts["grouped"]
+        < counts["pairwise"]
+        < counts["standard"]
+    )
     assert step.metrics["tokens/standard_dpo"] == counts["standard"]
     # 4 responses, 6 pairs per prompt: grouped = P + 4 mean responses, pairwise = 6 P + 12 mean responses.
     assert counts["pairwise"] / counts["grouped"] > 3
@@ -200,7 +212,10 @@ def test_group_by_prompt_batches_whole_groups_and_every_pair_once(packed, tmp_pa
         shared = batch["shared_inputs"]
         # Packed: the loader's one row. Unpacked: a row per group, padded to a power of two, not to 8 pair rows.
         assert len(shared["input_ids"]) == (1 if packed else 1 << (len(groups) - 1).bit_length())
-        # One document per group: each prompt runs once in the batch.
-        assert sum(len(set(row.tolist()) - {-1}) for row in shared["sequence_ids"]) == len(groups)
+        # A row per group (unpacked) or one row (packed), each the prefix tree of its sequences: each prompt runs
+        # once in the batch.
+        trees = [pairs] if packed else [[pair for pair in pairs if group_of[pair] == group] for group in groups]
+        computed = sum(tree_tokens([sequence for pair in tree for sequence in pair]) for tree in trees)
+        assert int((shared["sequence_ids"] >= 0).sum()) == computed
         seen += pairs
     assert sorted(seen) == sorted(group_of)

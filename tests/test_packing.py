@@ -13,6 +13,7 @@ from dpo_harness import (
     conversational_rows,
     conversations,
     flex_forward_errors,
+    leaves,
     make_trainers,
     plain_text_rows,
     train_step,
@@ -28,10 +29,10 @@ def packing_length_for(dataset: Dataset, prefix_sharing: bool) -> int:
     return max(max(lengths), 2 * sorted(lengths)[len(lengths) // 2])
 
 
-def assert_packs_several_examples(shared: dict[str, torch.Tensor], prefix_sharing: bool) -> None:
-    """Some row holds two examples or more (each two documents without prefix sharing)."""
-    documents_per_row = [len(set(row.tolist()) - {-1}) for row in shared["sequence_ids"]]
-    assert max(documents_per_row) >= (2 if prefix_sharing else 4)
+def assert_packs_several_examples(shared: dict[str, torch.Tensor]) -> None:
+    """Some row holds two examples or more: four sequences or more end there (with prefix sharing all of a row's
+    sequences start with BOS, so the row is one tree)."""
+    assert int(leaves(shared).sum(1).max()) >= 4
 
 
 def compare_packed(dataset: Dataset, prefix_sharing: bool, **kwargs) -> None:
@@ -42,7 +43,7 @@ def compare_packed(dataset: Dataset, prefix_sharing: bool, **kwargs) -> None:
     rows = shared["input_ids"].shape[0]
     assert shared["input_ids"].shape[1] == length  # every row padded to exactly the packing length
     assert 1 < rows < len(dataset), "the test must pack several examples into each of several rows"
-    assert_packs_several_examples(shared, prefix_sharing)
+    assert_packs_several_examples(shared)
     assert_same_step(ours_step, train_step(trl_trainer))
 
 
@@ -89,7 +90,7 @@ def test_packed_flex_attention_forward(model_type, overrides, prefix_sharing, fr
     )
     shared = ours.data_collator(list(ours.train_dataset))["shared_inputs"]
     assert shared["input_ids"].shape[1] > 2 * BLOCK
-    assert_packs_several_examples(shared, prefix_sharing)
+    assert_packs_several_examples(shared)
     assert_flex_forward_matches(trl_trainer, ours)
 
 

@@ -14,12 +14,13 @@ import random
 from dataclasses import dataclass
 
 import torch
+from dpo_harness import tree_tokens
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trl.trainer.utils import add_fused_lm_head
 
 import collators
-from collators import PADDING_SEQUENCE, PrefixSharingCollator, dense_mask, shared_sequence_length
+from collators import PADDING_SEQUENCE, RESPONSES, PrefixSharingCollator, dense_mask, shared_sequence_length
 from embedded import tiny_model
 from packing import next_fit
 from prefix_dpo_trainer import add_shared_forward
@@ -44,9 +45,12 @@ def cases(draw: st.DrawFn, max_examples: int = 5, max_tokens: int = 7) -> Case:
         st.lists(st.tuples(*[st.integers(1, max_tokens)] * 3), min_size=1, max_size=max_examples), label="lengths"
     )
     rng = random.Random(draw(st.integers(0, 2**32 - 1), label="seed"))
+    # No token twice: no two sequences start alike beyond their own prompt, so the layout is the paper's, which
+    # expected_spans re-derives (tests/test_trees.py covers sequences that share more).
+    tokens = iter(rng.sample(range(*VOCAB), sum(map(sum, lengths))))
     examples = [
         {
-            name: [rng.randrange(*VOCAB) for _ in range(n)]
+            name: [next(tokens) for _ in range(n)]
             for name, n in zip(("prompt_ids", "chosen_ids", "rejected_ids"), ls, strict=True)
         }
         for ls in lengths
@@ -282,14 +286,14 @@ def test_group_layout_every_scored_state_sees_exactly_its_standard_prefix(case: 
     assert next(scored, None) is None
     # Each distinct read once: a (state, label), or a state for the last token.
     assert len(shared["score_index"]) == len(set(zip(read_states, read_labels, strict=True)))
-    # Every prompt and every distinct response of a row once: the grouped token count.
-    expected = 0
-    for row in rows:
+    # Every distinct prefix of a row's sequences once (the tree's token count), at most the grouped count (every
+    # prompt and every distinct response of a row once).
+    for row, sequence_ids in zip(rows, shared["sequence_ids"], strict=True):
+        tokens = tree_tokens([examples[i]["prompt_ids"] + examples[i][column] for i in row for column in RESPONSES])
         groups: dict[tuple, set] = {}
         for index in row:
             e = examples[index]
-            responses = groups.setdefault(tuple(e["prompt_ids"]), set())
-            responses.update({tuple(e["chosen_ids"]), tuple(e["rejected_ids"])})
-        expected += sum(len(prompt) + sum(map(len, responses)) for prompt, responses in groups.items())
-    assert int((shared["sequence_ids"] >= 0).sum()) == expected
+            groups.setdefault(tuple(e["prompt_ids"]), set()).update({tuple(e[column]) for column in RESPONSES})
+        grouped = sum(len(prompt) + sum(map(len, responses)) for prompt, responses in groups.items())
+        assert int((sequence_ids >= 0).sum()) == tokens <= grouped
     assert torch.equal(collator(examples)["shared_inputs"]["input_ids"], shared["input_ids"])
