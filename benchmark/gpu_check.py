@@ -36,13 +36,13 @@ time limits, on the fewest cases that take each of its paths, and writes its rep
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import gc
 import json
 import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -117,6 +117,38 @@ def use_compile_cache(output_dir: Path) -> dict[str, Any]:
     return {"warm": any(cache["files_at_start"] for cache in caches.values()), "caches": caches}
 
 
+@contextmanager
+def stacks_after(limit: float, path: Path):
+    """While the block runs: past ``limit`` seconds, and every ``limit`` seconds after, appends every other thread's
+    stack to ``path``; ``path`` is left only if the block ran that long. The stacks are read by a thread of ours under
+    the GIL (faulthandler's watchdog reads them without it, and crashed the process when a dump met a frame that was
+    being torn down)."""
+    done = threading.Event()
+    dumps = 0
+
+    def watch() -> None:
+        nonlocal dumps
+        with path.open("w") as out:
+            while not done.wait(limit):
+                dumps += 1
+                out.write(f"=== {dumps * limit:g} s\n")
+                names = {thread.ident: thread.name for thread in threading.enumerate()}
+                for ident, frame in sys._current_frames().items():
+                    if ident != threading.get_ident():
+                        out.write(f"thread {names.get(ident, ident)}:\n{''.join(traceback.format_stack(frame))}\n")
+                out.flush()
+
+    watcher = threading.Thread(target=watch, name="stacks_after", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+        if not dumps:
+            path.unlink()
+
+
 def check_first_packed_step(bench_args: argparse.Namespace, scratch: Path, stacks: Path, limit: float) -> dict:
     """One training step of prefix sharing + packing on the benchmark's first shape and model, in a fresh dynamo,
     timed from the ``train()`` call (building the optimizer and the first batch included) to the end of the step.
@@ -130,17 +162,10 @@ def check_first_packed_step(bench_args: argparse.Namespace, scratch: Path, stack
     flex_compile_watchdog.forget_warnings()
     shape = bench_args.shapes[0]
     trainer = ShapeRun(SHAPES[shape], load_tokenizer(), bench_args, scratch, print).trainer(CONFIGS["sharing+packing"])
-    with stacks.open("w") as stack_file:
-        faulthandler.dump_traceback_later(limit, repeat=True, file=stack_file)
-        started = time.perf_counter()
-        try:
-            epoch = run_epoch(trainer, max_steps=1)
-        finally:
-            seconds = time.perf_counter() - started
-            faulthandler.cancel_dump_traceback_later()
-    over = stacks.stat().st_size > 0
-    if not over:
-        stacks.unlink()
+    started = time.perf_counter()
+    with stacks_after(limit, stacks):
+        epoch = run_epoch(trainer, max_steps=1)
+    seconds = time.perf_counter() - started
     result = {
         "shape": shape,
         "configuration": "sharing+packing",
@@ -148,7 +173,7 @@ def check_first_packed_step(bench_args: argparse.Namespace, scratch: Path, stack
         "seconds": seconds,
         "step_seconds": epoch.step_seconds[0],
         "limit_seconds": limit,
-        "stacks": stacks.name if over else None,
+        "stacks": stacks.name if stacks.exists() else None,
         "variants": flex_compile_watchdog.compiled_variants(),
     }
     trainer.accelerator.free_memory()  # the models leave the GPU before the next phase
