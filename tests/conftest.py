@@ -19,3 +19,14 @@ def fresh_compiler():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module's tiny models. On two busy cores a second thread makes every op wait for the
+    slower one: test_scale's single-process references took 2-3 s on either count with the cores free, and 35 s on
+    two threads beside other work (3 s on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,6 +15,8 @@ from embedded import make_preference_dataset, write_local_stand_ins
 from prefix_dpo_trainer import PrefixDPOConfig, PrefixDPOTrainer
 from prefix_reward_trainer import PrefixRewardConfig
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO = Path(__file__).resolve().parent.parent
 # A seed command trains 2 steps on a tiny model: 20-40 s alone on 2 cores.
 CLI_TIMEOUT = 600
@@ -46,7 +48,13 @@ def parse(argv: list[str]):
 def run_cli(argv: list[str], cwd: Path) -> str:
     """``python train_dpo.py ARGV``; returns what it printed (stdout and stderr), failing with it if the command fails
     or runs past ``CLI_TIMEOUT``."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TQDM_DISABLE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     command = [sys.executable, str(REPO / "train_dpo.py"), *argv]
     finished = run_command(command, what=f"`train_dpo.py {' '.join(argv)}`", timeout=CLI_TIMEOUT, cwd=cwd, env=env)
     finished.check()

@@ -56,6 +56,8 @@ from embedded import load_tokenizer, make_preference_dataset, tiny_model
 from preference_data import normalize_schema
 from prefix_dpo_trainer import PrefixDPOConfig, PrefixDPOTrainer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
