@@ -65,7 +65,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1
 SCENARIO_TIMEOUT = 300
 PORT_RETRIES = 3
 PORT_TAKEN = re.compile(r"EADDRINUSE|address already in use", re.IGNORECASE)
-# Losses and weights of trainers that compute the same steps in two layouts (float32, a few Adam steps).
+# Losses and weights of trainers that compute the same steps in two layouts (float32, a few SGD steps).
 RUN_RTOL = 1e-5
 # Runs that differ only in how a step's examples are split between processes compute the same sums in other orders and
 # over other paddings: float32 rounding, a few eps per operation. Per tensor and step the gradients of 2 processes and
@@ -611,7 +611,10 @@ def train_pair(
         use_cpu=True,
         per_device_train_batch_size=2,
         max_steps=steps,
-        learning_rate=1e-3,
+        # SGD: the update is linear in the gradient, so weights stay as close as the gradients (Adam's first step
+        # moves a weight by lr * sign(g) whatever g's size: a sign that rounding flips costs 2 * lr).
+        optim="sgd",
+        learning_rate=0.1,
         lr_scheduler_type="constant",
         train_sampling_strategy="sequential",
         gradient_checkpointing=False,
