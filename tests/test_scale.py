@@ -317,9 +317,12 @@ def assert_same_gradients(actual: dict[str, torch.Tensor], expected: dict[str, t
             assert error <= SPLIT_RTOL, f"step {step}: the gradient of {name} is {error:.1e} off (relative)"
 
 
-def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], initial) -> None:
-    """The final weights within float32 rounding of the reference's, each tensor having moved far more than that in
-    training (else agreeing would not show that it trained the same)."""
+def assert_same_weights(
+    actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
+) -> None:
+    """The final weights within float32 rounding of the reference's, each tensor having moved in training by more
+    than 8 times that (else agreeing would not show that it trained the same): the norms' weights by 9.5 to 23 times,
+    the matrices by far more."""
     assert actual.keys() == expected.keys() <= initial.keys()
     for name, reference in expected.items():
         assert relative_error(actual[name], reference) <= SPLIT_RTOL, name
