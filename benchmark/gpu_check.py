@@ -578,7 +578,12 @@ def render(report: dict[str, Any], path: Path) -> None:
             f"`{benchmark['command']}`; every table is in `{benchmark['tag']}.md`.",
             markdown_table(columns, rows),
         ]
-    sections += [f"Phase {name} stopped: {phase['error']}" for name, phase in phases.items() if phase.get("error")]
+    sections += [
+        f"Phase {name} stopped: {phase['error']}"
+        + (f" (stacks in `{phase['stacks']}`)" if phase.get("stacks") else "")
+        for name, phase in phases.items()
+        if phase.get("error")
+    ]
     path.write_text("\n\n".join(sections) + "\n")
 
 
@@ -608,6 +613,10 @@ def main(argv: list[str] | None = None) -> None:
     compile_cache = use_compile_cache(args.output_dir)  # before torch is imported: nothing has compiled yet
     throughput.quiet()
     import torch
+
+    # The trainers' modules (trl, transformers' Trainer: seconds to load) load before any phase's time limit: a limit
+    # that stopped a phase in the middle of an import would leave them half-loaded for every later phase.
+    import prefix_dpo_trainer  # noqa: F401
 
     if args.smoke:
         # One thread, as throughput.py's default: on a shared machine a multi-threaded op waits for its slowest thread
@@ -669,8 +678,11 @@ def main(argv: list[str] | None = None) -> None:
 
         def first_packed_step(phase: dict) -> None:
             stacks = args.output_dir / f"{stem}-first-step-stacks.txt"
-            phase["result"] = check_first_packed_step(bench_args, scratch, stacks, args.first_step_limit)
-            print(phase["result"], flush=True)
+            try:
+                phase["result"] = check_first_packed_step(bench_args, scratch, stacks, args.first_step_limit)
+                print(phase["result"], flush=True)
+            finally:  # also when the budget stopped the step: the stacks say where it was
+                phase["stacks"] = stacks.name if stacks.exists() else None
 
         def exactness(phase: dict) -> None:
             phase["cases"] = []
