@@ -1,7 +1,8 @@
 """Training runs that record what each process trained on, for the multi-process tests in ``test_scale.py``.
 
 Run under ``accelerate launch`` (or ``python`` for one process); each scenario writes ``OUT/<scenario>.rank<r>.json``
-(and, from process 0, the final weights to ``OUT/<scenario>.weights.pt``)::
+(and, from process 0, the final weights to ``OUT/<scenario>.weights.pt`` and the gradients of every optimizer step to
+``OUT/<scenario>.gradients.pt``)::
 
     ACCELERATE_USE_CPU=true accelerate launch --config_file configs/ddp.yaml --num_processes 2 \\
         --mixed_precision no tests/distributed_worker.py --model DIR --out OUT shared shared_resume ...
@@ -15,6 +16,8 @@ itself (the tokens of each chosen row), with the process's loss on it. Scenarios
   into the second epoch; ``<scenario>_resume`` resumes from it in a fresh trainer.
 * ``shared_reference``/``packed_reference`` (one process): the same global batches as ``shared``/``packed`` on two
   processes; they save and resume like them.
+* ``shared_misdealt``: the first step of ``shared`` with one example dealt to the wrong process (:func:`misdealt`),
+  for the tests to show that their comparison catches it.
 * ``zero3_reference_model``/``zero3_precompute``: for DeepSpeed ZeRO-3. They also record the number of rows of every
   backbone forward: ``B`` rows is the prefix-shared layout of ``B`` examples, ``2B`` TRL's standard one.
 * ``streamed_packed``: a streamed train set, packed window by window (``packing.PackedStream``), for
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
+import importlib
 import json
 import os
 import sys
@@ -35,6 +40,7 @@ from unittest import mock
 
 import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -50,6 +56,10 @@ PACKING_LENGTH = 144
 RESUME_STEPS_INTO_SECOND_EPOCH = 2
 COLLECTIVE_TIMEOUT = 60
 STREAMED_STEPS = 10
+# What a process prints after each scenario, followed by its name: the launcher's sign of progress.
+FINISHED = "distributed_worker finished scenario"
+# With SGD (see `training_args`): the loss falls from 0.69 to about 0.45 over the two epochs.
+LEARNING_RATE = 0.01
 
 
 def preference_data(num_examples: int = NUM_EXAMPLES) -> Dataset:
@@ -79,6 +89,23 @@ class RecordingTrainer(PrefixDPOTrainer):
         return loss
 
 
+class GradientRecorder(TrainerCallback):
+    """The gradients of every optimizer step, as the optimizer receives them: after gradient accumulation and DDP's
+    all-reduce (averaged over the processes, so the same on each)."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.steps.append(
+            {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+        )
+
+    def stacked(self) -> dict[str, torch.Tensor]:
+        """{parameter: its gradients, step by step}."""
+        return {name: torch.stack([step[name] for step in self.steps]) for name in self.steps[0]}
+
+
 class TwoProcessPlan(RecordingTrainer):
     """One process walking the packed batches planned for two processes, in order.
 
@@ -104,6 +131,8 @@ SCENARIOS: dict[str, tuple[dict[str, Any], type[RecordingTrainer]]] = {
     "packed": ({**PACKED, "save_strategy": "steps"}, RecordingTrainer),
     "shared_reference": ({"per_device_train_batch_size": 4, "save_strategy": "steps"}, RecordingTrainer),
     "packed_reference": ({**PACKED, "gradient_accumulation_steps": 2, "save_strategy": "steps"}, TwoProcessPlan),
+    # Mutation of ``shared`` (see `misdealt`), one step.
+    "shared_misdealt": ({"max_steps": 1}, RecordingTrainer),
     "zero3_reference_model": ({"num_train_epochs": 1, "per_device_train_batch_size": 4}, RecordingTrainer),
     "zero3_precompute": (
         {**PACKED, "num_train_epochs": 1, "per_device_train_batch_size": 2, "precompute_ref_log_probs": True},
@@ -119,7 +148,14 @@ def training_args(output_dir: Path, **overrides: Any) -> PrefixDPOConfig:
         prefix_sharing=True,
         per_device_train_batch_size=2,
         num_train_epochs=2,
-        learning_rate=1e-3,
+        # SGD with momentum, unclipped: the update is linear in the gradient, so runs whose gradients differ by
+        # rounding stay that close (Adam's first steps move a weight by about lr * sign(g) whatever g's size, so a
+        # near-zero gradient whose sign flips with the summation order moves it by 2 * lr). Momentum keeps an
+        # optimizer state for the resumed runs to restore; no clipping keeps the gradient's scale visible.
+        optim="sgd",
+        optim_args="momentum=0.9",
+        learning_rate=LEARNING_RATE,
+        max_grad_norm=0.0,
         lr_scheduler_type="constant",
         logging_steps=1,
         save_strategy="no",
@@ -144,6 +180,19 @@ def record_backbone_rows(model: torch.nn.Module, rows: list[int]) -> None:
     backbone.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def misdealt(dataset: Dataset, out_dir: Path) -> Dataset:
+    """Process 1's data in ``shared_misdealt``: the first example it trained in ``shared`` (run before, same folder)
+    swapped with one that process 0 trained at step 2. At step 1 process 1 then trains an example that belongs to
+    another process and step, and records the position it drew, which is the right one: only the losses and gradients
+    can tell."""
+    records = [json.loads((out_dir / f"shared.rank{rank}.json").read_text())["records"] for rank in (0, 1)]
+    drawn = next(record for record in records[1] if record["step"] == 1)["examples"][0]
+    other = next(record for record in records[0] if record["step"] == 2)["examples"][0]
+    order = list(range(len(dataset)))
+    order[drawn], order[other] = other, drawn
+    return dataset.select(order)
+
+
 def run_scenario(name: str, model_path: str, out_dir: Path) -> dict[str, Any]:
     """Trains one scenario and writes (and returns) what this process recorded."""
     from transformers import AutoModelForCausalLM
@@ -157,7 +206,13 @@ def run_scenario(name: str, model_path: str, out_dir: Path) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     policy_rows: list[int] = []
     record_backbone_rows(model, policy_rows)
-    trainer = trainer_cls(model=model, args=args, train_dataset=preference_data(), processing_class=load_tokenizer())
+    dataset = preference_data()
+    if name == "shared_misdealt" and args.process_index == 1:
+        dataset = misdealt(dataset, out_dir)
+    gradients = GradientRecorder()
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=dataset, processing_class=load_tokenizer(), callbacks=[gradients]
+    )
     steps_per_epoch = len(trainer.get_train_dataloader()) // args.gradient_accumulation_steps
     checkpoint = steps_per_epoch + RESUME_STEPS_INTO_SECOND_EPOCH
     trainer.args.save_steps = checkpoint
@@ -191,6 +246,7 @@ def run_scenario(name: str, model_path: str, out_dir: Path) -> dict[str, Any]:
     if trainer.accelerator.distributed_type != "DEEPSPEED" and trainer.accelerator.is_main_process:
         weights = trainer.accelerator.unwrap_model(trainer.model).state_dict()
         torch.save({key: value.detach().clone() for key, value in weights.items()}, out_dir / f"{name}.weights.pt")
+        torch.save(gradients.stacked(), out_dir / f"{name}.gradients.pt")
     (out_dir / f"{name}.rank{args.process_index}.json").write_text(json.dumps(result))
     return result
 
@@ -237,11 +293,20 @@ def run_cli(model_path: str, out_dir: Path) -> None:
     )
 
 
+def skip_deepspeed_shm_kernel() -> None:
+    """DeepSpeed compiles its shared-memory all-reduce (a C++ extension) the first time it starts on a CPU, which takes
+    over a minute on 2 cores; without it DeepSpeed all-reduces through torch.distributed (gloo), the same sums."""
+    # By its module path: the attribute `deepspeed.comm.torch` is PyTorch, imported by `deepspeed.comm`.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 def start_process_group() -> None:
     """The gloo group of a multi-process CPU run, before accelerate starts it with a 30-minute timeout: a collective
     that cannot complete (processes disagreeing on a shape) then fails in a minute instead of hanging."""
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed:
+        skip_deepspeed_shm_kernel()
     if multi_process and not deepspeed and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT))
 
@@ -250,11 +315,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a saved tiny model with its tokenizer")
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument(
+        "--stack-dump-after",
+        type=float,
+        default=0,
+        help="print every thread's stack when one scenario (the first: with the start) runs this many seconds",
+    )
     choices = [*SCENARIOS, *(s + RESUME_SUFFIX for s in SCENARIOS), "cli", "streamed_packed"]
     parser.add_argument("scenarios", nargs="+", choices=choices)
     cli = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     cli.out.mkdir(parents=True, exist_ok=True)
+
+    def watch() -> None:
+        """A scenario that hangs shows where: the launch is killed without a traceback."""
+        if cli.stack_dump_after:
+            faulthandler.dump_traceback_later(cli.stack_dump_after)
+
+    watch()
     start_process_group()
     for name in cli.scenarios:
         if name == "cli":
@@ -263,7 +341,11 @@ def main() -> None:
             run_streamed(cli.model, cli.out)
         else:
             run_scenario(name, cli.model, cli.out)
-        print(f"scenario {name} done", flush=True)
+        if torch.distributed.is_initialized():  # every process's results are written before the next scenario reads
+            torch.distributed.barrier()
+        print(f"{FINISHED} {name}", flush=True)
+        watch()
+    faulthandler.cancel_dump_traceback_later()
 
 
 if __name__ == "__main__":

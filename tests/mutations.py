@@ -35,18 +35,21 @@ def responses_see_each_other(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def documents_see_the_one_before(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Packed documents leak into each other: the tokens seen up to their document's end (a prompt, the last
-    response; a whole document without prefix sharing) are seen up to the end of the next document of the row
-    instead. Inside a document nothing changes, and a row of one document is untouched."""
+    """Packed examples leak into each other: every subtree is seen by the one laid out after it as well. With prefix
+    sharing a packed row is one tree (its sequences share at least BOS) whose examples are sibling subtrees, so the
+    next example sees the one before it (and inside an example the rejected response the chosen one); without it,
+    each sequence is a document, and the next document sees the one before it."""
     lay_out_row = collators._lay_out_row
 
     def mutated(*args, **kwargs):
         ids, positions, sequences, ends, spans = lay_out_row(*args, **kwargs)
         document_end = {document: index + 1 for index, document in enumerate(sequences)}
         in_order = list(document_end.values())
-        next_end = dict(zip(in_order, in_order[1:], strict=False))
+        next_document_end = dict(zip(in_order, in_order[1:], strict=False))
+        # The subtree after a span that ends inside its document starts right at that end: its first node's end is
+        # the sibling subtree's.
         leaked = [
-            next_end.get(end, end) if end == document_end[document] else end
+            ends[end] if end < document_end[document] else next_document_end.get(end, end)
             for end, document in zip(ends, sequences, strict=True)
         ]
         return ids, positions, sequences, leaked, spans
