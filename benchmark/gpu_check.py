@@ -213,9 +213,9 @@ def exactness_cases(flex: bool, smoke: bool) -> list[tuple[str, dict[str, Any]]]
 def check_exactness(flex: bool, short: bool, scratch: Path, record: Callable[[dict], None]) -> None:
     import torch
     from dpo_harness import assert_same_step, conversational_rows, make_trainers, relative_error, train_step
+    from reward_harness import assert_same_reward_step, make_reward_trainers, reward_rows, reward_step
     from test_groups import grouped_rows
     from test_packing import packing_length_for
-    from reward_harness import assert_same_reward_step, make_reward_trainers, reward_rows, reward_step
 
     datasets = {"conversational": conversational_rows(6, **(SHORT if short else {})), "groups": grouped_rows(2, 4)}
     for name, case in exactness_cases(flex, short):
