@@ -43,11 +43,12 @@ from datasets import Dataset
 from dpo_harness import (
     CONTEXT_SENSITIVE_INIT,
     assert_same_step,
+    conversations,
+    make_trainers,
     perturbed_copy,
     relative_error,
     train_step,
 )
-from peft import LoraConfig
 from safetensors.torch import load_file
 from trl import DPOConfig, DPOTrainer, ModelConfig, ScriptArguments, TrlParser
 
@@ -502,87 +503,32 @@ def short_conversations(num_examples: int = 4) -> Dataset:
     )
 
 
-def lora_config() -> LoraConfig:
-    # init_lora_weights=False draws B as well as A at random: with PEFT's default B = 0 the policy would be the
-    # reference (adapters disabled) and the loss trivially log(2).
-    return LoraConfig(r=8, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
-
-
-def make_pair(
-    dataset: Dataset, tmp_path: Path, peft: bool = False, gradient_checkpointing: bool = False, **config: Any
-) -> tuple[DPOTrainer, PrefixDPOTrainer]:
-    """trl.DPOTrainer and PrefixDPOTrainer on the same models. With ``peft`` the reference is the policy with its
-    adapters disabled; otherwise a perturbed copy of the policy (see dpo_harness)."""
-    policy = tiny_model("llama", seed=0, initializer_range=CONTEXT_SENSITIVE_INIT)
-    reference = None if peft else perturbed_copy(policy)
-    common = dict(
-        report_to="none",
-        use_cpu=True,
-        per_device_train_batch_size=len(dataset),
-        max_length=None,
-        gradient_checkpointing=gradient_checkpointing,
-        **{"bf16": False, **config},
-    )
-    trainers = []
-    for trainer_cls, config_cls, extra in (
-        (DPOTrainer, DPOConfig, {}),
-        (PrefixDPOTrainer, PrefixDPOConfig, {"prefix_sharing": True}),
-    ):
-        trainer = trainer_cls(
-            model=copy.deepcopy(policy),
-            ref_model=copy.deepcopy(reference),
-            args=config_cls(output_dir=str(tmp_path / trainer_cls.__name__), **common, **extra),
-            train_dataset=dataset,
-            processing_class=load_tokenizer(),
-            peft_config=lora_config() if peft else None,
-        )
-        trainers.append(trainer)
-    trl_trainer, ours = trainers
-    if peft:  # the same random adapters on both sides
-        ours.model.load_state_dict(trl_trainer.model.state_dict())
-    return trl_trainer, ours
-
-
 def enable_checkpointing(trainer: DPOTrainer) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
-    """Turns activation checkpointing on as ``Trainer.train`` does; counts the forwards of the first decoder layer."""
+    """Turns activation checkpointing on as ``Trainer.train`` does; counts the forwards of the first layer's attention
+    (a module inside the checkpointed layer: the layer's own hooks run outside the checkpoint, so its recomputation
+    would not reach them)."""
     trainer.model.gradient_checkpointing_enable(
         gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs
     )
-    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     calls: list[int] = []
-    handle = model.model.layers[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+    handle = trainer.model.model.layers[0].self_attn.register_forward_pre_hook(lambda module, args: calls.append(1))
     return calls, handle
 
 
-@pytest.mark.parametrize(
-    "peft, checkpointing",
-    [(True, {"use_reentrant": True}), (False, {"use_reentrant": False})],
-    ids=["lora+checkpointing-reentrant", "checkpointing"],
-)
-def test_peft_and_gradient_checkpointing_are_exact(peft, checkpointing, tmp_path):
-    """Loss, log-probs, gradients (of the LoRA weights under PEFT) and metrics against trl.DPOTrainer with the same
-    setup; under PEFT the reference log-probs come from the base model with the adapters disabled."""
-    config = {} if checkpointing is None else {"gradient_checkpointing_kwargs": checkpointing}
-    trl_trainer, ours = make_pair(
-        short_conversations(), tmp_path, peft=peft, gradient_checkpointing=checkpointing is not None, **config
-    )
-    if checkpointing is not None:
-        (trl_calls, trl_handle), (our_calls, our_handle) = (
-            enable_checkpointing(trl_trainer),
-            enable_checkpointing(ours),
-        )
+def test_gradient_checkpointing_is_exact(tmp_path):
+    """Non-reentrant activation checkpointing without PEFT: loss, log-probs, gradients and metrics against
+    trl.DPOTrainer with the same setup (with LoRA: tests/test_peft.py)."""
+    config = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    trl_trainer, ours = make_trainers(conversations(), tmp_path=tmp_path, gradient_checkpointing=True, **config)
+    (trl_calls, trl_handle), (our_calls, our_handle) = enable_checkpointing(trl_trainer), enable_checkpointing(ours)
     trl_step, our_step = train_step(trl_trainer), train_step(ours)
+    trl_handle.remove()
+    our_handle.remove()
     assert "shared_inputs" in our_step.batch
     assert_same_step(our_step, trl_step)
-    if peft:
-        assert our_step.grads and all("lora_" in name for name in our_step.grads)
-        assert trl_step.metrics["rewards/margins"] != 0  # the adapters change the policy
-    if checkpointing is not None:
-        trl_handle.remove()
-        our_handle.remove()
-        # The policy forward and its recomputation in the backward; under PEFT also the reference forward of
-        # compute_ref_log_probs (the same modules, adapters disabled).
-        assert len(our_calls) == len(trl_calls) == (3 if peft else 2)
+    # The policy forward, its recomputation in the backward, and the harness's no-grad forward of the policy's
+    # log-probs (the reference model is another module); without the recomputation it would be 2.
+    assert len(our_calls) == len(trl_calls) == 3
 
 
 class LossRecorder:
@@ -676,7 +622,7 @@ def test_bf16_autocast_on_cpu(tmp_path):
     # Per step: the policy forward (the reference model is another module).
     assert dtypes == {"RecordingTRL": [torch.bfloat16] * 2, "RecordingOurs": [torch.bfloat16] * 2}
     for loss, expected in zip(ours.losses, trl_trainer.losses, strict=True):
-        assert_close(loss, expected, rtol=2e-2)
+        assert_close(loss, expected, rtol=5e-3)  # measured 9.6e-4; positions not restarted move it by 0.28
 
 
 def test_cli_with_lora_checkpointing_bf16_and_wandb(tmp_path, monkeypatch):
