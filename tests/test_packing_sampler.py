@@ -504,6 +504,29 @@ def test_best_fit_counts_what_a_row_already_holds() -> None:
         assert len(batches) == 2 and all(len(row) == 4 for batch in batches for row in batch)
 
 
+def test_turns_of_a_conversation_share_a_row() -> None:
+    """Eight conversations of 2-6 turns, an example per turn whose prompt extends the turn before, in rows as long as
+    the largest conversation's tree. Longest first, the last turns of the long conversations fill rows before the
+    earlier turns that would share most with them come (7 rows); in tree order each conversation's turns come one
+    after the other and join the row that holds them: 5 rows, against 10 counting each pair alone."""
+    rng = random.Random(0)
+    examples, conversations = [], []
+    for _ in range(8):
+        history = [rng.randrange(100, 200) for _ in range(rng.randint(2, 12))]
+        conversations.append([])
+        for _ in range(rng.randint(2, 6)):
+            history += [rng.randrange(100, 200) for _ in range(rng.randint(2, 16))]
+            chosen, rejected = ([rng.randrange(200, 300) for _ in range(rng.randint(2, 16))] for _ in range(2))
+            conversations[-1].append(len(examples))
+            examples.append({"prompt_ids": list(history), "chosen_ids": chosen, "rejected_ids": rejected})
+            history += chosen
+    sizes = layout_sizes(examples)
+    capacity = max(row_tokens([sizes[i] for i in conversation]) for conversation in conversations)
+    rows = pack_rows(sizes, capacity)
+    assert len(rows) == 5 and all(row_tokens([sizes[i] for i in row]) <= capacity for row in rows)
+    assert len(pack_rows([row_tokens([size]) for size in sizes], capacity)) == 10
+
+
 @FAST
 @given(tree_examples(max_examples=30), st.integers(0, 30), st.integers(1, 3), st.integers(1, 3), st.booleans())
 def test_sampler_rows_of_prefix_trees_fit_and_hold_every_example_once(
