@@ -82,6 +82,9 @@ The masks themselves are built on the device, in the forward, from ``subtree_end
 the collator may run in dataloader workers, and a ``BlockMask`` (which holds a closure) cannot be pickled.
 """
 
+import hashlib
+import itertools
+from array import array
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -95,6 +98,7 @@ from packing import Size, next_fit
 
 PADDING_SEQUENCE = -1
 RESPONSES = ("chosen_ids", "rejected_ids")
+TOKEN_TYPE = "q"  # array typecode of a token in the bytes that prefix trees are computed on: int64
 # Attention backends that take an arbitrary mask through transformers' attention interface.
 MASKABLE_BACKENDS = ("flex_attention", "sdpa", "eager")
 # What a standard sequence reads: the state predicting each completion token (DPO), or the one of its last token.
@@ -118,24 +122,87 @@ def layout_sizes(
 ) -> list[Size]:
     """What each example adds to a row, as :func:`packing.next_fit` takes it.
 
-    Grouped (prefix sharing, ``group_prompts``): its parts, the prompt and the two responses, keyed by their tokens,
-    so that pairs of one prompt in a row count the prompt once and a response they share once. Otherwise the length of
-    the pair laid out alone.
+    Grouped (prefix sharing, ``group_prompts``): the sequences of a row form one prefix tree, in which a run of tokens
+    that several of its ``prompt + chosen`` and ``prompt + rejected`` sequences start with is laid out once. An
+    example's parts are its two sequences cut into the edges of that tree (:func:`prefix_tree_parts`), so that the
+    distinct parts of any row of these examples add up to exactly its tree tokens. Otherwise the length of the pair
+    laid out alone.
 
-    >>> layout_sizes([{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5]}] * 2)
-    [[(0, 2), (1, 1), (2, 2)], [(0, 2), (1, 1), (2, 2)]]
+    >>> from packing import row_tokens
+    >>> first = {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [3, 5]}
+    >>> second = {"prompt_ids": [1, 2], "chosen_ids": [4], "rejected_ids": [6]}
+    >>> sizes = layout_sizes([first, second])
+    >>> [row_tokens([size]) for size in sizes], row_tokens(sizes)
+    ([4, 4], 6)
     """
     if not (share_prompt and group_prompts):
         return [shared_sequence_length(example, share_prompt) for example in examples]
-    keys: dict[Hashable, int] = {}
-    sizes: list[Size] = []
+    sequences = []
     for example in examples:
-        prompt = keys.setdefault(("prompt", tuple(example["prompt_ids"])), len(keys))
-        parts = [(prompt, len(example["prompt_ids"]))]
-        for column in RESPONSES:
-            parts.append((keys.setdefault((prompt, tuple(example[column])), len(keys)), len(example[column])))
-        sizes.append(parts)
-    return sizes
+        prompt = token_bytes(example["prompt_ids"])
+        sequences.append([prompt + token_bytes(example[column]) for column in RESPONSES])
+    return prefix_tree_parts(sequences)
+
+
+def token_bytes(tokens: Sequence[int]) -> bytes:
+    """A token sequence as the bytes of its int64 tokens, as :func:`prefix_tree_parts` takes it."""
+    return array(TOKEN_TYPE, tokens).tobytes()
+
+
+def prefix_tree_parts(examples: Sequence[Sequence[bytes]]) -> list[list[tuple[bytes, int]]]:
+    """Each example's token sequences (:func:`token_bytes`) as parts ``(key, tokens)`` whose distinct ones, over any
+    subset of ``examples``, add up to the tokens of the subset's prefix tree (its distinct non-empty prefixes).
+
+    A sequence is cut wherever the prefix tree of all the given sequences branches or one of them ends: at its common
+    prefix length with every other sequence, and at its own end. Then every part is a whole edge of the tree for every
+    sequence through it, and a subset's tree is the union of its sequences' edges. In sorted order a sequence's common
+    prefixes with those before it are the running minima of the neighbours' common prefixes (a stack holds them), and
+    likewise with those after it; and its parts up to its common prefix with the sequence before it are that one's,
+    so each tree token is read once to make the keys.
+
+    A key is a digest of the whole prefix up to the part's end and of where the part starts, so equal keys mean equal
+    parts also between calls, and a row's count does not depend on the order of its examples. Parts from separate
+    calls (a stream sizes its examples one at a time) may cut a shared run differently and count it more than once,
+    never less: a tree token lies in one part of each sequence through it, and that part's key and the token's depth
+    name the token.
+    """
+    # Bytes are sorted, compared and hashed in C; their order is the lexicographic order of the tokens under some
+    # total order of token values, which is all that the walks need.
+    width = array(TOKEN_TYPE).itemsize
+    numbers: dict[bytes, int] = {}
+    held = [[numbers.setdefault(sequence, len(numbers)) for sequence in each if sequence] for each in examples]
+    sequences = list(numbers)
+    order = sorted(range(len(sequences)), key=sequences.__getitem__)
+    neighbours = [common_prefix_length(sequences[a], sequences[b]) // width for a, b in itertools.pairwise(order)]
+    cuts = [{len(sequence) // width} for sequence in sequences]
+    for walk in (range(len(order)), range(len(order) - 1, -1, -1)):
+        stack: list[int] = []  # the distinct non-zero common prefixes with the sequences walked past, increasing
+        for step, at in enumerate(walk):
+            if step:
+                common = neighbours[min(at, walk[step - 1])]
+                while stack and stack[-1] >= common:
+                    stack.pop()
+                if common:
+                    stack.append(common)
+            cuts[order[at]].update(stack)
+    parts: list[list[tuple[bytes, int]]] = [[] for _ in sequences]
+    path: list[tuple[int, tuple[bytes, int], Any]] = []  # the last sequence's parts: end, part, digest state at end
+    for step, number in enumerate(order):
+        common = neighbours[step - 1] if step else 0
+        while path and path[-1][0] > common:
+            path.pop()
+        start = path[-1][0] if path else 0
+        state = path[-1][2] if path else hashlib.blake2b(digest_size=16)
+        tokens = memoryview(sequences[number])
+        for end in sorted(end for end in cuts[number] if end > start):
+            state = state.copy()
+            state.update(tokens[start * width : end * width])
+            key = state.copy()
+            key.update(start.to_bytes(8, "little"))
+            path.append((end, (key.digest(), end - start), state))
+            start = end
+        parts[number] = [part for _, part, _ in path]
+    return [list(dict.fromkeys(part for number in each for part in parts[number])) for each in held]
 
 
 # Unpacked, prompts that start with this many tokens in common share a row, as one tree. Each shared token saves a

@@ -408,6 +408,13 @@ def _make_example(
     # ones dismissively; the opener counts towards the reply's words, and the rest is random text.
     chosen_text = _response(rng, _HELPFUL_OPENERS, response_words, short_response_prob)
     rejected_text = _response(rng, _DISMISSIVE_OPENERS, response_words, short_response_prob)
+    return _preference_row(rng, shared, chosen_text, rejected_text)
+
+
+def _preference_row(
+    rng: random.Random, shared: list[dict[str, str]], chosen_text: str, rejected_text: str
+) -> dict[str, Any]:
+    """A Capybara row: the conversation ``shared`` answered two ways, with ratings and models drawn from ``rng``."""
     if rejected_text == chosen_text:  # only possible for very short responses; a pair must differ to be a preference
         rejected_text = "No."
     chosen_rating = rng.randint(2, 5)
@@ -461,6 +468,41 @@ def _make_group(
     return rows
 
 
+def _make_conversation(
+    rng: random.Random,
+    turns: tuple[int, int],
+    prompt_words: tuple[int, int],
+    response_words: tuple[int, int],
+    system_prompt: str | None,
+) -> list[dict[str, Any]]:
+    """One conversation, a row per assistant turn: the history so far (continued with the chosen answers) answered a
+    helpful and a dismissive way."""
+    history = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    rows = []
+    for _ in range(rng.randint(*turns)):
+        history.append({"role": "user", "content": generate_text(rng, _log_uniform_int(rng, prompt_words), True)})
+        chosen_text = _response(rng, _HELPFUL_OPENERS, response_words, 0.0)
+        rejected_text = _response(rng, _DISMISSIVE_OPENERS, response_words, 0.0)
+        row = _preference_row(rng, list(history), chosen_text, rejected_text)
+        rows.append(row)
+        history.append(row["chosen"][-1])
+    return rows
+
+
+def tool_definitions(num_tools: int = 24, seed: int = 0) -> str:
+    """A system prompt of tool definitions, the same for a seed: the long block that tool-use and agent data put
+    before every conversation (24 tools: about 1,500 tokens with the embedded tokenizer)."""
+    rng = random.Random(f"tools {seed}")
+    types = ("string", "number", "boolean", "list")
+    lines = ["You can call the tools below. Answer directly when no tool is needed."]
+    for _ in range(num_tools):
+        arguments = ", ".join(f"{rng.choice(_NOUNS)}: {rng.choice(types)}" for _ in range(rng.randint(1, 4)))
+        lines.append(
+            f"- {rng.choice(_VERBS)}_{rng.choice(_NOUNS)}({arguments}): {generate_text(rng, rng.randint(12, 40))}"
+        )
+    return "\n".join(lines)
+
+
 def _plain_text(example: dict[str, Any]) -> dict[str, str]:
     """Flatten a Capybara example into TRL's standard (non-conversational) prompt/chosen/rejected strings.
 
@@ -504,6 +546,7 @@ def make_preference_dataset(
     turns: tuple[int, int] = (1, 4),
     short_response_prob: float = 0.05,
     system_prob: float = 0.0,
+    system_prompt: str | None = None,
 ) -> Dataset:
     """Build a synthetic multi-turn preference data set in the Capybara DPO schema.
 
@@ -522,11 +565,14 @@ def make_preference_dataset(
         turns: Bounds of the number of user turns in the shared conversation (earlier turns get assistant replies).
         short_response_prob: Probability that an answer is only 1-3 words long, an edge case for the completion mask.
         system_prob: Probability that the conversation starts with a system message.
+        system_prompt: A system message that starts every conversation (say :func:`tool_definitions`), drawn from
+            no generator: every example starts with the same tokens.
     """
-    from datasets import Dataset
 
     if turns[0] < 1 or turns[0] > turns[1]:
         raise ValueError(f"turns must satisfy 1 <= lo <= hi, got {turns}")
+    if system_prompt is not None and system_prob:
+        raise ValueError("system_prompt starts every conversation with one system message: leave system_prob at 0")
     examples = [
         _make_example(
             random.Random(seed * 1_000_003 + index),
@@ -538,9 +584,51 @@ def make_preference_dataset(
         )
         for index in range(num_examples)
     ]
+    if system_prompt is not None:
+        system = {"role": "system", "content": system_prompt}
+        for example in examples:
+            example["chosen"], example["rejected"] = [system, *example["chosen"]], [system, *example["rejected"]]
+    return _as_dataset(examples, conversational)
+
+
+def _as_dataset(rows: list[dict[str, Any]], conversational: bool) -> Dataset:
+    """Capybara rows as a data set in that schema, or flattened to TRL's standard plain text."""
+    from datasets import Dataset
+
     if conversational:
-        return Dataset.from_list(examples, features=capybara_features())
-    return Dataset.from_list([_plain_text(example) for example in examples])
+        return Dataset.from_list(rows, features=capybara_features())
+    return Dataset.from_list([_plain_text(row) for row in rows])
+
+
+def make_multiturn_preference_dataset(
+    num_conversations: int,
+    turns: tuple[int, int] = (2, 6),
+    seed: int = 0,
+    conversational: bool = True,
+    prompt_words: tuple[int, int] = (20, 120),
+    response_words: tuple[int, int] = (20, 150),
+    system_prompt: str | None = None,
+) -> Dataset:
+    """Multi-turn conversations turned into one example per assistant turn, each prompt extending the one before.
+
+    A conversation of T user turns gives T consecutive rows: row t's prompt is the conversation up to the t-th user
+    turn, its earlier assistant turns being the chosen answers of the rows before it, so that row t's prompt starts
+    with row t-1's prompt and chosen answer (chosen answers open helpfully, rejected ones dismissively, as in
+    :func:`make_preference_dataset`, whose schema and ``conversational`` these are). ``turns`` bounds T, drawn
+    uniformly; ``prompt_words`` and ``response_words`` bound each user turn and answer, drawn log-uniformly;
+    ``system_prompt`` starts every conversation. Conversations are drawn from their own generators seeded by (seed,
+    conversation index), so more conversations extend fewer.
+    """
+    if turns[0] < 1 or turns[0] > turns[1]:
+        raise ValueError(f"turns must satisfy 1 <= lo <= hi, got {turns}")
+    rows = [
+        row
+        for index in range(num_conversations)
+        for row in _make_conversation(
+            random.Random(f"conversation {seed} {index}"), turns, prompt_words, response_words, system_prompt
+        )
+    ]
+    return _as_dataset(rows, conversational)
 
 
 def make_grouped_preference_dataset(
@@ -562,7 +650,6 @@ def make_grouped_preference_dataset(
     standard plain text with ``conversational=False``), whose arguments the others are. Prompts are drawn from their
     own generators seeded by (seed, prompt index), so more prompts extend fewer.
     """
-    from datasets import Dataset
 
     if responses_per_prompt < 2:
         raise ValueError(f"responses_per_prompt must be at least 2 to make a pair, got {responses_per_prompt}")
@@ -578,9 +665,7 @@ def make_grouped_preference_dataset(
             system_prob,
         )
     ]
-    if conversational:
-        return Dataset.from_list(rows, features=capybara_features())
-    return Dataset.from_list([_plain_text(row) for row in rows])
+    return _as_dataset(rows, conversational)
 
 
 def trl_token_lengths(tokenizer: PreTrainedTokenizerBase, example: dict[str, Any]) -> tuple[int, int, int]:

@@ -1,10 +1,11 @@
 """Packing of DPO examples into rows of at most ``capacity`` tokens, and a batch sampler that yields packed rows.
 
 Each example has a known token length (computed elsewhere), or is given as its *parts*: ``(key, tokens)`` pairs, such
-as its prompt and its two responses, where parts with the same key are laid out once per row (pairs of one prompt in a
-row share it, see ``collators.py``). :func:`pack_rows` bin-packs examples into rows, :class:`PackedBatchSampler` turns
-an epoch's packing into batches of ``rows_per_batch`` rows, and the collator splits a batch back into rows with
-:func:`next_fit`. :func:`prompt_units` keeps the pairs of one prompt together (``--group_by_prompt``).
+as the runs of tokens its sequences hold, where parts with the same key are laid out once per row (sequences of a row
+that start alike share their common prefix, see ``collators.layout_sizes``). :func:`pack_rows` bin-packs examples into
+rows, :class:`PackedBatchSampler` turns an epoch's packing into batches of ``rows_per_batch`` rows, and the collator
+splits a batch back into rows with :func:`next_fit`. :func:`prompt_units` keeps the pairs of one prompt together
+(``--group_by_prompt``).
 
 The sampler is not rank-aware: accelerate's ``BatchSamplerShard`` deals
 batch ``i`` to process ``i % num_processes``, so the sampler only has to yield a multiple of ``num_processes`` batches
@@ -18,9 +19,10 @@ overfills one; it departs from the plan only where the first example of a row fi
 before. Shuffled batches put the fullest rows first and each row's longest example first, and then next-fit gives back
 exactly the planned rows (no departure seen on lognormal lengths up to 100k examples); unshuffled batches keep dataset
 order, where next-fit now and then moves an example across a row boundary without changing the number of rows.
-With parts, an example costs a row only the parts the row does not hold yet. A row's cost can only shrink when examples
-leave it, so the argument above still holds: next-fit never makes more rows than were planned from the examples' or
-the units' full lengths.
+With parts, an example costs a row only the parts the row does not hold yet, in the plan (best fit) as in next-fit. A
+row's cost can only shrink when examples leave it, so the argument above still holds: next-fit never makes more rows
+than were planned. With prefix sharing an example's parts are the edges of the prefix tree its sequences take
+(``collators.layout_sizes``), so that a row's cost is the tokens of its tree.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import heapq
 import itertools
 import math
 from bisect import bisect_left, insort
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from fractions import Fraction
 from typing import Any, TypeAlias
@@ -99,38 +102,91 @@ def _checked_lengths(lengths: Sequence[int], capacity: int) -> list[int]:
     return values
 
 
+# Where an example holds parts that other examples hold too, best fit also tries the last rows that took each such
+# part: the row a prefix tree grows in (a conversation's turns, a group's pairs) is among them, and a part that every
+# row holds (a system prompt) costs a bounded number of tries per example.
+_RECENT_HOLDERS = 8
+
+
 def _best_fit(
     order: Sequence[int],
     lengths: Sequence[int],
     capacity: int,
     rows: list[list[int]] | None = None,
+    parts: Sequence[dict[Hashable, int]] | None = None,
 ) -> list[list[int]]:
     """Best-fit of ``order`` (already in placement order, normally by decreasing length) into ``rows`` plus new rows.
 
     The free space of the open rows is kept in one sorted list of ``free * stride + row`` integers, so finding the
     tightest row that takes an example is a bisect; ties in free space go to the oldest row, as in first-fit. A row
-    whose free space is below the shortest example still to be placed can never take one again and leaves the list,
-    which keeps it short. Returns ``rows`` extended in place (the new rows appended in the order they were opened).
+    whose free space is below the shortest example still to be placed leaves the list, which keeps it short. Returns
+    ``rows`` extended in place (the new rows appended in the order they were opened).
+
+    With ``parts`` (each example's parts by key, as :func:`row_tokens` counts them) an example costs a row only the
+    parts the row does not hold yet: besides the tightest row that takes it whole, it may go to one of the last
+    ``_RECENT_HOLDERS`` rows to take each part it shares with another example, wherever it leaves the least free space.
     """
     rows = [] if rows is None else rows
     if not order:
         return rows
     stride = len(rows) + len(order) + 1
     shortest = min(lengths[i] for i in order)
-    frees = [capacity - sum(lengths[i] for i in row) for row in rows]
+    held: list[dict[Hashable, int]] = []
+    holders: dict[Hashable, list[int]] = {}
+    shared: set[Hashable] = set()
+
+    def took(row: int, keys: Iterable[Hashable]) -> None:
+        for key in shared.intersection(keys):
+            recent = holders.setdefault(key, [])
+            if row in recent:
+                recent.remove(row)
+            recent.append(row)
+            del recent[:-_RECENT_HOLDERS]
+
+    if parts is None:
+        frees = [capacity - sum(lengths[i] for i in row) for row in rows]
+    else:
+        counts = Counter(key for i in itertools.chain(order, *rows) for key in parts[i])
+        shared.update(key for key, count in counts.items() if count > 1)
+        for r, row in enumerate(rows):
+            held.append({key: tokens for i in row for key, tokens in parts[i].items()})
+            took(r, held[r])
+        frees = [capacity - sum(union.values()) for union in held]
     free_keys = sorted(free * stride + r for r, free in enumerate(frees) if free >= shortest)
+
+    def added(index: int, row: int) -> int:
+        return sum(tokens for key, tokens in parts[index].items() if key not in held[row])
+
     for index in order:
         size = lengths[index]
         at = bisect_left(free_keys, size * stride)
-        if at < len(free_keys):
-            key = free_keys.pop(at)
-            row, free = key % stride, key // stride - size
-            rows[row].append(index)
-        else:
-            row, free = len(rows), capacity - size
+        row = free_keys[at] % stride if at < len(free_keys) else None
+        cost = size
+        if parts is not None:
+            if row is not None:
+                cost = added(index, row)
+            for candidate in {r for key in parts[index] for r in holders.get(key, ())}:
+                extra = added(index, candidate)
+                fits = extra <= frees[candidate]
+                if fits and (row is None or (frees[candidate] - extra, candidate) < (frees[row] - cost, row)):
+                    row, cost = candidate, extra
+        if row is None:
+            row = len(rows)
             rows.append([index])
-        if free >= shortest:
-            insort(free_keys, free * stride + row)
+            frees.append(capacity - size)
+            if parts is not None:
+                held.append(dict(parts[index]))
+        else:
+            if frees[row] >= shortest:
+                free_keys.pop(bisect_left(free_keys, frees[row] * stride + row))
+            rows[row].append(index)
+            frees[row] -= cost
+            if parts is not None:
+                held[row].update(parts[index])
+        if parts is not None:
+            took(row, parts[index])
+        if frees[row] >= shortest:
+            insort(free_keys, frees[row] * stride + row)
     return rows
 
 
@@ -144,20 +200,64 @@ def _by_decreasing_length(indices: Sequence[int], lengths: Sequence[int]) -> lis
     return sorted(indices, key=lengths.__getitem__, reverse=True)
 
 
-def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+def _in_tree_order(indices: Sequence[int], parts: Sequence[dict[Hashable, int]]) -> list[int]:
+    """``indices`` sorted by their parts in order, each part ranked by first appearance: examples that start with the
+    same parts come together, and those that share more come closer still (a depth-first walk of a prefix tree)."""
+    rank: dict[Hashable, int] = {}
+    for index in indices:
+        for key in parts[index]:
+            rank.setdefault(key, len(rank))
+    return sorted(indices, key=lambda index: [rank[key] for key in parts[index]])
+
+
+def _planned_rows(
+    indices: Sequence[int],
+    lengths: Sequence[int],
+    capacity: int,
+    parts: Sequence[dict[Hashable, int]] | None = None,
+    rows: Sequence[list[int]] = (),
+) -> list[list[int]]:
+    """Best fit of ``indices`` longest first into copies of ``rows`` plus new rows; with parts, also in tree order
+    (:func:`_in_tree_order`), keeping whichever takes fewer rows (longest first on a tie).
+
+    Longest first is what bin packing wants, but it places the longest turn of every conversation before any shorter
+    one, and the rows fill before the turns that share most with them come; in tree order they come one after the
+    other and join the row that holds what they share (multi-turn conversations: a third fewer rows).
+    """
+    longest_first = _by_decreasing_length(indices, lengths)
+    planned = _best_fit(longest_first, lengths, capacity, [list(row) for row in rows], parts)
+    if parts is None:
+        return planned
+    tree = _best_fit(_in_tree_order(indices, parts), lengths, capacity, [list(row) for row in rows], parts)
+    return tree if len(tree) < len(planned) else planned
+
+
+def _shared_parts(sizes: Sequence[Size]) -> list[dict[Hashable, int]] | None:
+    """Each example's parts by key, for best fit to count what a row already holds; ``None`` for plain lengths."""
+    if all(isinstance(size, int) for size in sizes):
+        return None
+    return [_parts(size, position) for position, size in enumerate(sizes)]
+
+
+def pack_rows(lengths: Sequence[Size], capacity: int) -> list[list[int]]:
     """Pack example indices into rows of at most ``capacity`` tokens with best-fit decreasing.
 
     Best-fit decreasing has first-fit-decreasing's guarantee (at most ``11/9 * optimal + 6/9`` rows) and in practice
     packs at least as tightly. It runs in ``O(n log n)`` plus list moves in C (100k examples: about 0.1 s). Every
-    index appears exactly once; rows are in the order they were opened, each row's examples longest first.
+    index appears exactly once; rows are in the order they were opened, each row's examples longest first. Examples
+    given as parts cost a row only the parts it does not hold yet, and are also placed in prefix-tree order, the
+    packing with fewer rows kept (see :func:`_planned_rows`).
 
     >>> pack_rows([5, 3, 4, 2, 6], capacity=10)
     [[4, 2], [0, 1, 3]]
+    >>> pack_rows([[("p", 6), ("a", 2)], [("p", 6), ("b", 2)], 3], capacity=10)
+    [[0, 1], [2]]
 
     Raises ``ValueError`` for an example longer than ``capacity`` (naming it and the smallest capacity that fits all).
     """
-    values = _checked_lengths(lengths, capacity)
-    return _best_fit(_by_decreasing_length(range(len(values)), values), values, capacity)
+    parts = _shared_parts(lengths)
+    values = _checked_lengths(lengths if parts is None else [sum(held.values()) for held in parts], capacity)
+    return _planned_rows(range(len(values)), values, capacity, parts)
 
 
 def next_fit(
@@ -365,7 +465,9 @@ class PackedBatchSampler(Sampler[list[int]]):
     windows of ``window_size`` shuffled examples (so that which examples share a row changes from epoch to epoch),
     the least-full rows are repacked together across windows, and the rows are shuffled and grouped into batches.
     Should an epoch's packing ever need more rows than the fixed number of batches can hold, that epoch falls back
-    to packing all examples at once, which gives exactly the row count the batch count was computed from.
+    to packing all examples at once, which gives exactly the row count the batch count was computed from. With parts
+    the order of equal lengths matters, and should that pass still need more rows, the epoch takes the very rows the
+    count was computed from.
 
     The number of batches is ``ceil(rows / rows_per_batch)`` rounded up to a multiple of ``num_processes``, where
     ``rows`` is the count of a best-fit-decreasing packing of the whole dataset. When an epoch's rows do not fill every
@@ -432,10 +534,10 @@ class PackedBatchSampler(Sampler[list[int]]):
             self.units = prompt_units(self.prompts, self.sizes, capacity)
         self._unit_word = "example(s)" if prompts is None else "group(s) of pairs of one prompt"
         self.unit_lengths = [row_tokens([self.sizes[i] for i in unit]) for unit in self.units]
+        self._example_parts = _shared_parts(self.sizes)
+        self.unit_parts = self._parts_of(self.units)
         while True:
-            self._reference_rows = _best_fit(
-                _by_decreasing_length(range(len(self.units)), self.unit_lengths), self.unit_lengths, capacity
-            )
+            self._reference_rows = _planned_rows(range(len(self.units)), self.unit_lengths, capacity, self.unit_parts)
             num_rows = len(self._reference_rows)
             batches = _ceil_div(_ceil_div(num_rows, rows_per_batch), num_processes) * num_processes
             if drop_last or batches <= len(self.units) or all(len(unit) == 1 for unit in self.units):
@@ -448,6 +550,8 @@ class PackedBatchSampler(Sampler[list[int]]):
             self.unit_lengths[largest : largest + 1] = [
                 row_tokens([self.sizes[i] for i in u]) for u in self.units[largest : largest + 2]
             ]
+            if self.unit_parts is not None:
+                self.unit_parts[largest : largest + 1] = self._parts_of(self.units[largest : largest + 2])
         if drop_last:
             self._num_batches = num_rows // rows_per_batch // num_processes * num_processes
             if self._num_batches == 0:
@@ -466,6 +570,18 @@ class PackedBatchSampler(Sampler[list[int]]):
                 )
             self._max_rows = self._num_batches * rows_per_batch
         self._cache: tuple[int, list[list[list[int]]]] | None = None
+
+    def _parts_of(self, units: list[list[int]]) -> list[dict[Hashable, int]] | None:
+        """Each unit's parts (its examples' together), or ``None`` where examples are plain lengths."""
+        if self._example_parts is None:
+            return None
+        return [{key: tokens for i in unit for key, tokens in self._example_parts[i].items()} for unit in units]
+
+    def _load(self, row: list[int]) -> int:
+        """Tokens a row of units takes: each distinct part once."""
+        if self.unit_parts is None:
+            return sum(self.unit_lengths[i] for i in row)
+        return sum({key: tokens for i in row for key, tokens in self.unit_parts[i].items()}.values())
 
     @property
     def num_examples_per_epoch(self) -> int:
@@ -523,25 +639,27 @@ class PackedBatchSampler(Sampler[list[int]]):
         Windows make which examples share a row change from epoch to epoch; a whole-dataset pass would only vary
         among examples of equal length. Windows cost a few rows (their last rows are part-filled); should that be
         more than the fixed batch count can hold, the windows grow until a single one holds every example, which gives
-        exactly the reference row count (best fit is blind to which of two equal lengths comes first).
+        exactly the reference row count for plain lengths (best fit is blind to which of two equal lengths comes
+        first). Parts are not blind to it (which row holds a shared part depends on it): should the single window
+        still need more rows, the epoch takes the reference rows.
         """
-        lengths, capacity = self.unit_lengths, self.capacity
+        lengths, capacity, parts = self.unit_lengths, self.capacity, self.unit_parts
         size = self.window_size
         while True:
             if size >= len(order):
-                return _best_fit(_by_decreasing_length(order, lengths), lengths, capacity)
-            rows: list[list[int]] = []
+                rows = _planned_rows(order, lengths, capacity, parts)
+                return rows if len(rows) <= self._max_rows else [list(row) for row in self._reference_rows]
+            rows = []
             for start in range(0, len(order), size):
-                window = _by_decreasing_length(order[start : start + size], lengths)
-                rows.extend(_best_fit(window, lengths, capacity))
+                rows.extend(_planned_rows(order[start : start + size], lengths, capacity, parts))
             # Pool the examples of the least full rows of all windows and best-fit them, longest first, into the free
             # space of the other rows and new rows: this wins back part of what the window boundaries cost.
-            loads = [sum(lengths[i] for i in row) for row in rows]
+            loads = [self._load(row) for row in rows]
             dissolve = set(sorted(range(len(rows)), key=loads.__getitem__)[: 8 * _ceil_div(len(order), size)])
             kept = [row for r, row in enumerate(rows) if r not in dissolve]
             position = {index: p for p, index in enumerate(order)}
             pooled = sorted((i for r in dissolve for i in rows[r]), key=position.__getitem__)
-            rows = _best_fit(_by_decreasing_length(pooled, lengths), lengths, capacity, kept)
+            rows = _planned_rows(pooled, lengths, capacity, parts, kept)
             if len(rows) <= self._max_rows:
                 return rows
             size *= 2
@@ -598,7 +716,7 @@ class PackedBatchSampler(Sampler[list[int]]):
     def _ordered_for_next_fit(self, batch: list[list[int]]) -> list[list[int]]:
         # Next-fit leaves the plan only where row b's first example fits in the free space of row a before it: putting
         # the fullest rows first (least free space) and each row's longest example first keeps that from happening.
-        loads = [sum(self.unit_lengths[i] for i in row) for row in batch]
+        loads = [self._load(row) for row in batch]
         order = sorted(range(len(batch)), key=lambda r: -loads[r])
         rows = [_by_decreasing_length(batch[r], self.unit_lengths) for r in order]
         if self.prompts is not None:

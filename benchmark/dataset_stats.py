@@ -2,6 +2,7 @@
 
     python benchmark/dataset_stats.py                                     # the embedded demo dataset
     python benchmark/dataset_stats.py --responses_per_prompt 4            # embedded, 4 responses per prompt, all pairs
+    python benchmark/dataset_stats.py --tree_shape multi-turn --num_examples 400 --packing_length 8192
     python benchmark/dataset_stats.py --dataset_name data.jsonl --tokenizer path/to/model
     python benchmark/dataset_stats.py --dataset_name argilla/distilabel-capybara-dpo-7k-binarized \\
         --tokenizer mistralai/Mistral-7B-Instruct-v0.1 --max_length 2842 --max_prompt_length 2180
@@ -11,7 +12,11 @@ mean(chosen, rejected) tokens, both per example (medians over the dataset); the 
 speedup (tokens standard DPO runs / tokens prefix sharing runs, padding excluded); the packing length that
 ``--packing_length auto`` would choose; and how many pairs share a prompt (the same prompt tokens), with the grouped
 bound: every prompt once and every distinct response of its pairs once, as ``--group_by_prompt`` runs them when a
-prompt's pairs fit one batch (or packed row).
+prompt's pairs fit one batch (or packed row). Last, the prefix-tree bound (:func:`tree_statistics`): every run of
+tokens that several sequences of a row start with laid out once, counted exactly (distinct prefixes) on the rows that
+packing makes at ``--packing_length`` (default: the auto length), against pairwise sharing's tokens and rows.
+``--tree_shape`` draws embedded data of a shape where trees pay off (``benchmark/shapes.py``: tool definitions on
+every row, or one example per turn of multi-turn conversations).
 
 The tokens are the trainer's own: the dataset goes through ``PrefixDPOTrainer``'s preparation (Capybara schema
 normalization, TRL's prompt extraction, chat template and EOS handling, tokenization, then our truncation to
@@ -71,7 +76,13 @@ def throwaway_model(tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrained
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
 
-def prepare(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace) -> Dataset:
+def prepare(
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    num_proc: int | None = None,
+) -> Dataset:
     """``prompt_ids``/``chosen_ids``/``rejected_ids`` exactly as ``PrefixDPOTrainer`` prepares its train split."""
     import tempfile
 
@@ -82,9 +93,9 @@ def prepare(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, args: argparse
         config = PrefixDPOConfig(
             output_dir=output_dir,
             prefix_sharing=True,
-            max_length=args.max_length,
-            max_prompt_length=args.max_prompt_length,
-            dataset_num_proc=args.dataset_num_proc,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            dataset_num_proc=num_proc,
             report_to="none",
             bf16=False,
         )
@@ -179,6 +190,76 @@ def group_statistics(
     }
 
 
+def tree_statistics(
+    examples: Sequence[dict[str, Sequence[int]]], packing_length: int, batch_size: int = 4, seed: int = 0
+) -> dict[str, Any]:
+    """Tokens that standard DPO, pairwise prefix sharing and prefix trees run on ``examples``, and packed rows.
+
+    Tree tokens are exact: the distinct non-empty prefixes of a row's ``prompt + chosen`` and ``prompt + rejected``
+    sequences (``collators.layout_sizes``), over four kinds of rows: each pair alone (its responses sharing the tokens
+    they start with); random batches of ``batch_size`` pairs, each one tree (the unpacked bound); the rows best fit
+    makes at ``packing_length`` counting tree tokens (``packing.pack_rows``, the plan the packed sampler's batch count
+    comes from); and all pairs as one tree (the limit as rows grow). Packed rows: how many rows of ``packing_length``
+    tokens pairwise sharing and trees take, a padded row costing its whole length.
+    """
+    import random
+
+    from collators import layout_sizes, shared_sequence_length
+    from packing import pack_rows, row_tokens
+
+    sizes = layout_sizes(examples)
+    pairwise = [shared_sequence_length(example) for example in examples]
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    tree_rows, pairwise_rows = pack_rows(sizes, packing_length), pack_rows(pairwise, packing_length)
+    tokens = {
+        "standard": sum(shared_sequence_length(example, share_prompt=False) for example in examples),
+        "pairwise": sum(pairwise),
+        "tree_pairs_alone": sum(row_tokens([size]) for size in sizes),
+        "tree_unpacked_batches": sum(row_tokens([sizes[i] for i in batch]) for batch in batches),
+        "tree_packed_rows": sum(row_tokens([sizes[i] for i in row]) for row in tree_rows),
+        "tree_all_pairs": row_tokens(sizes),
+    }
+    return {
+        "examples": len(examples),
+        "packing_length": packing_length,
+        "batch_size": batch_size,
+        "tokens": tokens,
+        "rows": {"pairwise": len(pairwise_rows), "tree": len(tree_rows)},
+        "packing_efficiency": {
+            "pairwise": tokens["pairwise"] / (len(pairwise_rows) * packing_length),
+            "tree": tokens["tree_packed_rows"] / (len(tree_rows) * packing_length),
+        },
+    }
+
+
+def tree_report(trees: dict[str, Any]) -> str:
+    tokens, rows, efficiency = trees["tokens"], trees["rows"], trees["packing_efficiency"]
+    labels = {
+        "standard": "standard DPO",
+        "pairwise": "pairwise prefix sharing",
+        "tree_pairs_alone": "tree, each pair alone",
+        "tree_unpacked_batches": f"tree, random batches of {trees['batch_size']} pairs",
+        "tree_packed_rows": f"tree, packed rows of {trees['packing_length']:,}",
+        "tree_all_pairs": "tree, all pairs in one tree",
+    }
+    lines = [
+        f"prefix trees, {trees['examples']:,} pairs (exact: a run that several sequences of a row start with, once):",
+        f"  {'tokens run':38s}{'count':>14s}  {'standard /':>10s}  {'pairwise /':>10s}",
+    ]
+    for key, label in labels.items():
+        count = tokens[key]
+        ratios = f"{tokens['standard'] / count:9.3f}x  {tokens['pairwise'] / count:9.3f}x"
+        lines.append(f"  {label:38s}{count:>14,}  {ratios}")
+    lines.append(
+        f"  packed rows of {trees['packing_length']:,} tokens: pairwise {rows['pairwise']:,} "
+        f"({efficiency['pairwise']:.1%} not padding), tree {rows['tree']:,} ({efficiency['tree']:.1%}): "
+        f"{rows['pairwise'] / rows['tree']:.3f}x fewer"
+    )
+    return "\n".join(lines)
+
+
 def group_report(groups: dict[str, Any]) -> str:
     per_prompt = groups["pairs_per_prompt"]
     return "\n".join(
@@ -251,6 +332,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max_length", type=int, help="truncate as the trainer would with --max_length")
     parser.add_argument("--max_prompt_length", type=int, help="... and --max_prompt_length")
     parser.add_argument("--packing_factor", type=int, default=4, help="examples per row in the auto rule (paper: 4)")
+    parser.add_argument(
+        "--packing_length", type=int, help="packed rows of the tree bound (default: the auto packing length)"
+    )
+    parser.add_argument("--batch_size", type=int, default=4, help="pairs per unpacked batch of the tree bound")
+    parser.add_argument(
+        "--tree_shape",
+        choices=["system-prompt", "multi-turn"],
+        help="without --dataset_name: embedded data of this prefix-tree shape (benchmark/shapes.py)",
+    )
     parser.add_argument("--dataset_num_proc", type=int)
     parser.add_argument("--json", type=Path, help="also write the statistics to this JSON file")
     return parser.parse_args(argv)
@@ -267,14 +357,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     datasets.disable_progress_bars()
     transformers_logging.set_verbosity_error()
     script_args = ScriptArguments(dataset_name=args.dataset_name, dataset_config=args.dataset_config)
-    if args.responses_per_prompt is not None and args.dataset_name is not None:
-        raise SystemExit("--responses_per_prompt builds embedded data: drop it, or --dataset_name")
+    embedded = {"--responses_per_prompt": args.responses_per_prompt, "--tree_shape": args.tree_shape}
+    given = [flag for flag, value in embedded.items() if value is not None]
+    if given and args.dataset_name is not None or len(given) > 1:
+        raise SystemExit(f"{' and '.join(given)} build embedded data: give one, or --dataset_name")
     if args.responses_per_prompt is not None:
         from datasets import DatasetDict
 
         from embedded import make_grouped_preference_dataset
 
         loaded = DatasetDict(train=make_grouped_preference_dataset(64, args.responses_per_prompt))
+    elif args.tree_shape is not None:
+        from datasets import DatasetDict
+        from shapes import TREE_SHAPES
+
+        loaded = DatasetDict(train=TREE_SHAPES[args.tree_shape].generate(args.num_examples or 256, seed=0))
     else:
         loaded = load_preference_dataset(script_args)
     if args.split not in loaded:
@@ -283,15 +380,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.num_examples is not None:
         dataset = dataset.select(range(min(args.num_examples, len(dataset))))
     tokenizer = load_tokenizer(args.tokenizer)
-    prepared = prepare(dataset, tokenizer, args)
+    prepared = prepare(dataset, tokenizer, args.max_length, args.max_prompt_length, args.dataset_num_proc)
     columns = [prepared[column] for column in ("prompt_ids", "chosen_ids", "rejected_ids")]
     stats = shape_statistics(*[[len(ids) for ids in column] for column in columns], packing_factor=args.packing_factor)
     stats["groups"] = group_statistics(*columns)
+    packing_length = args.packing_length or stats["packing"]["packing_length"]
+    examples = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in zip(*columns, strict=True)]
+    stats["trees"] = tree_statistics(examples, packing_length, args.batch_size)
     name = args.dataset_name or "embedded demo dataset"
     if args.responses_per_prompt is not None:
         name = f"embedded data, {args.responses_per_prompt} responses per prompt and all their pairs"
+    if args.tree_shape is not None:
+        name = f"embedded data of the {args.tree_shape} shape"
     print(report(name, stats, len(dataset) - len(prepared)))
     print("\n" + group_report(stats["groups"]))
+    print("\n" + tree_report(stats["trees"]))
     if args.json is not None:
         args.json.write_text(json.dumps(stats, indent=2))
     return stats

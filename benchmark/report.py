@@ -2,7 +2,8 @@
 
 On CPU every speedup is given in wall clock and in CPU time (one torch thread: the same measurement without the
 stalls from other jobs on a shared machine). On GPU, wall clock only, plus what each configuration cost to compile,
-its peak memory and whether flex_attention stayed compiled.
+its peak memory and whether flex_attention stayed compiled. The prefix-tree shapes get their own tables: exact tree
+tokens against pairwise prefix sharing, and prefix sharing (one tree per row) over pairwise sharing in time.
 """
 
 from __future__ import annotations
@@ -188,6 +189,77 @@ def work_table(results: list[dict[str, Any]], costs: dict[str, float], cpu_time:
     return "\n".join(lines)
 
 
+def tree_tokens_table(results: list[dict[str, Any]]) -> str:
+    """Exact tree tokens of the prefix-tree shapes (distinct prefixes of a row's sequences), per kind of row."""
+    columns = [
+        "shape",
+        "examples>",
+        "standard DPO>",
+        "pairwise sharing>",
+        "tree: pairs alone>",
+        "tree: unpacked batches>",
+        "tree: packed rows (length)>",
+        "tree: all pairs>",
+        "pairwise / tree: unpacked, packed>",
+        "packed rows: pairwise / tree>",
+    ]
+    rows = []
+    for result in results:
+        trees = result["trees"]
+        tokens, packed_rows = trees["tokens"], trees["rows"]
+        rows.append(
+            [
+                result["shape"]["name"],
+                str(trees["examples"]),
+                f"{tokens['standard']:,}",
+                f"{tokens['pairwise']:,}",
+                f"{tokens['tree_pairs_alone']:,}",
+                f"{tokens['tree_unpacked_batches']:,} (of {trees['batch_size']})",
+                f"{tokens['tree_packed_rows']:,} ({trees['packing_length']:,})",
+                f"{tokens['tree_all_pairs']:,}",
+                f"{tokens['pairwise'] / tokens['tree_unpacked_batches']:.2f}, "
+                f"{tokens['pairwise'] / tokens['tree_packed_rows']:.2f}",
+                f"{packed_rows['pairwise']} / {packed_rows['tree']}",
+            ]
+        )
+    return markdown_table(columns, rows)
+
+
+def tree_speed_table(results: list[dict[str, Any]], cpu_time: bool) -> str:
+    """Prefix sharing (a row's sequences as one tree) over pairwise prefix sharing, unpacked and packed: the tokens
+    each layout computed (non-padding tokens of its batches) and the speedup."""
+    columns = ["shape", "layout", "tokens computed: pairwise / tree>", "speedup, wall clock"]
+    columns += ["speedup, CPU time"] if cpu_time else []
+    rows = []
+    for result in results:
+        for layout, tree, pairwise in (
+            ("unpacked", "sharing", "pairwise"),
+            ("packed", "sharing+packing", "pairwise+packing"),
+        ):
+            if not {tree, pairwise} <= result["runs"].keys():
+                continue
+            work = result["work"]
+            row = [
+                result["shape"]["name"],
+                layout,
+                f"{work[pairwise]['tokens']:,} / {work[tree]['tokens']:,}",
+                fmt_range(speedups(result, tree, pairwise)),
+            ]
+            rows.append(row + ([fmt_range(speedups(result, tree, pairwise, "cpu_seconds"))] if cpu_time else []))
+    return markdown_table(columns, rows)
+
+
+TREE_TOKENS_NOTE = (
+    "Tree tokens are exact: the distinct non-empty prefixes of a row's `prompt + chosen` and `prompt + rejected` "
+    "sequences, i.e. every run of tokens that several of them start with counted once. Pairs alone: each pair its "
+    "own tree (its responses sharing the tokens they start with). Unpacked batches: random batches of the run's "
+    "batch size, each one tree (the bound of an unpacked layout). Packed rows: the rows best fit makes in tree tokens "
+    "at the packing length (`packing.pack_rows`, the plan the packed sampler's batch count comes from). All pairs: "
+    "one tree of every example, the limit as rows grow. Standard DPO runs 2P + C + R tokens a pair, pairwise sharing "
+    "P + C + R."
+)
+
+
 def unpacked_baseline(results: list[dict[str, Any]]) -> str:
     """The paper's unpacked comparison is against FlexAttention where the run has that baseline."""
     return "baseline-flex" if all("baseline-flex" in r["runs"] for r in results) else "baseline"
@@ -278,7 +350,11 @@ def plot(results: list[dict[str, Any]], path: Path, title: str, cpu_time: bool) 
 
 def render(payload: dict[str, Any], stem: Path) -> str:
     """Writes ``stem``.md and ``stem``.png from a run's payload (what ``stem``.json holds); returns the markdown."""
-    args, costs, results, dims = payload["args"], payload["costs"], payload["results"], payload["dims"]
+    if payload.get("tokens_only"):
+        return render_tree_tokens(payload, stem)
+    args, costs, dims = payload["args"], payload["costs"], payload["dims"]
+    results = [result for result in payload["results"] if "trees" not in result]
+    trees = [result for result in payload["results"] if "trees" in result]
     gpu = payload.get("gpu", False)
     dims = {"model_type": "llama", "vocab_size": payload.get("vocab_size"), "tie_word_embeddings": False, **dims}
     isolated = args.get("isolate", False)
@@ -317,28 +393,36 @@ def render(payload: dict[str, Any], stem: Path) -> str:
             "- warm-up seconds include compiling flex_attention and create_block_mask; peak GPU memory is what the "
             "configuration allocated on top of the two master copies of the models it copies from"
         )
-    sections = [
-        "\n".join(header),
-        "## Prefix sharing over TRL's path (sdpa), against the token-count bound",
-        bound_table(results, "baseline", cpu_time=not gpu),
-    ]
-    if unpacked_baseline(results) == "baseline-flex":
+    sections = ["\n".join(header)]
+    if results:
         sections += [
-            "## Prefix sharing over TRL's path with flex_attention (the paper's Flex baseline)",
-            bound_table(results, "baseline-flex", cpu_time=not gpu),
+            "## Prefix sharing over TRL's path (sdpa), against the token-count bound",
+            bound_table(results, "baseline", cpu_time=not gpu),
+        ]
+        if unpacked_baseline(results) == "baseline-flex":
+            sections += [
+                "## Prefix sharing over TRL's path with flex_attention (the paper's Flex baseline)",
+                bound_table(results, "baseline-flex", cpu_time=not gpu),
+            ]
+        sections += ["## With packing: prefix sharing + packing over packing", packed_table(results, cpu_time=not gpu)]
+    if trees:
+        sections += [
+            "## Prefix trees: exact tokens",
+            TREE_TOKENS_NOTE,
+            tree_tokens_table(trees),
+            "## Prefix trees: prefix sharing (one tree per row) over pairwise prefix sharing",
+            tree_speed_table(trees, cpu_time=not gpu),
         ]
     sections += [
-        "## With packing: prefix sharing + packing over packing",
-        packed_table(results, cpu_time=not gpu),
         "## Throughput, all configurations",
-        throughput_table(results, cpu_time=not gpu),
+        throughput_table(results + trees, cpu_time=not gpu),
         "## Where the work goes (counted from the collated batches)",
         f"Cost model, multiply-adds of one forward: {costs['body_per_token']:,.0f} per padded position (layers' "
         f"projections) + {costs['attention_per_token_per_key']:,.0f} per attention pair (sdpa with a dense mask "
         f"visits every pair of a row, padding included) + {costs['head_per_scored_token']:,.0f} per LM-head "
         "position (TRL's fused head scores every position of the standard layout off Triton devices; the shared "
         "forward scores completion tokens only).",
-        work_table(results, costs, cpu_time=not gpu),
+        work_table(results + trees, costs, cpu_time=not gpu),
     ]
     body = "\n\n".join(sections)
     Path(f"{stem}.md").write_text(body + "\n")
@@ -346,7 +430,34 @@ def render(payload: dict[str, Any], stem: Path) -> str:
         f"Prefix-sharing speedup on {'GPU' if gpu else 'CPU'} ({dims['model_type']} {dims['hidden_size']}x"
         f"{dims['num_hidden_layers']}, {payload['date']}) beside the paper (8xH100, Mistral-7B)"
     )
-    plot(results, Path(f"{stem}.png"), title, cpu_time=not gpu)
+    if results:
+        plot(results, Path(f"{stem}.png"), title, cpu_time=not gpu)
+    return body
+
+
+def render_tree_tokens(payload: dict[str, Any], stem: Path) -> str:
+    """Writes ``stem``.md of a ``--tokens-only`` run: the prefix-tree shapes' exact tree tokens, nothing timed."""
+    args = payload["args"]
+    body = "\n\n".join(
+        [
+            "\n".join(
+                [
+                    f"# Prefix trees: token bounds ({payload['date']})",
+                    "",
+                    f"- command: `{payload['command']}`",
+                    f"- machine: {payload['machine']}",
+                    "- examples: the first ones of each shape (whole conversations, in order), tokenized as "
+                    f"`PrefixDPOTrainer` prepares them (embedded tokenizer, max length {args['max_length']}); "
+                    "packing length: the paper's rule on the pairwise lengths (1.1 x p95, rounded up to 128) x "
+                    f"{args['packing_factor']}, at least the longest unshared pair; unpacked batches of "
+                    f"{args['batch_size']} pairs",
+                ]
+            ),
+            TREE_TOKENS_NOTE,
+            tree_tokens_table(payload["results"]),
+        ]
+    )
+    Path(f"{stem}.md").write_text(body + "\n")
     return body
 
 

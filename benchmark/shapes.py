@@ -1,4 +1,4 @@
-"""The paper's six dataset shapes, and synthetic preference data drawn to follow them.
+"""The paper's six dataset shapes, and synthetic preference data drawn to follow them; and two prefix-tree shapes.
 
 The shapes follow Table 1 of the paper: the median overall length and the median prefix-to-completion ratio of each
 dataset. Read here as: overall = prompt + chosen + rejected tokens, ratio = prompt / mean(chosen, rejected) tokens,
@@ -7,6 +7,12 @@ center with a per-dataset spread (long-tailed, like real chat data), and the cen
 tokenizer until the medians match (``python benchmark/throughput.py --calibrate-only`` shows them). The timed examples
 are the subset of a 400-example pool closest to the pool in median length, median ratio, token bound and length
 deciles, so that a handful of examples still follows the shape's distribution.
+
+The prefix-tree shapes (:data:`TREE_SHAPES`) are where the sequences of a row share more than one pair's prompt, so
+that a prefix tree over the row runs fewer tokens than pairwise prefix sharing: one long block of tool definitions as
+the system prompt of every conversation, and multi-turn conversations turned into one example per turn, each prompt
+extending the one before. They have no paper counterpart; their examples are the first ones drawn (whole
+conversations, in order), not a representative subset, which would break conversations apart.
 """
 
 from __future__ import annotations
@@ -81,6 +87,47 @@ PAPER_SPEEDUPS: dict[str, dict[str, tuple[float, float]]] = {
     "tldr": {"unpacked": (1.12, 1.20), "packed": (1.35, 1.38)},
     "tulu": {"unpacked": (1.47, 1.56), "packed": (1.48, 1.52)},
     "ultrafeedback": {"unpacked": (1.11, 1.18), "packed": (1.17, 1.21)},
+}
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """Conversations whose examples share prefixes beyond their own pair, drawn by
+    ``embedded.make_multiturn_preference_dataset``.
+
+    ``tools``: tool definitions in the system prompt that starts every conversation (``embedded.tool_definitions``,
+    about 56 tokens each; 0 for no system prompt); ``turns``: user turns per conversation, an example each;
+    ``prompt_words``/``response_words``: word-count bounds of each user turn and each answer.
+    """
+
+    key: str
+    name: str
+    tools: int
+    turns: tuple[int, int]
+    prompt_words: tuple[int, int]
+    response_words: tuple[int, int]
+
+    def generate(self, num_examples: int, seed: int) -> Dataset:
+        """The first ``num_examples`` examples (prefix-stable), in conversation order."""
+        from embedded import make_multiturn_preference_dataset, tool_definitions
+
+        conversations = make_multiturn_preference_dataset(
+            num_examples,  # at least one example each: enough conversations
+            self.turns,
+            seed,
+            prompt_words=self.prompt_words,
+            response_words=self.response_words,
+            system_prompt=tool_definitions(self.tools) if self.tools else None,
+        )
+        return conversations.select(range(num_examples))
+
+
+TREE_SHAPES: dict[str, TreeShape] = {
+    shape.key: shape
+    for shape in (
+        TreeShape("system-prompt", "Tool definitions on every row", 24, (1, 1), (20, 200), (20, 150)),
+        TreeShape("multi-turn", "Multi-turn, an example per turn", 0, (2, 6), (20, 120), (20, 150)),
+    )
 }
 
 

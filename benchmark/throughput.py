@@ -4,6 +4,10 @@
     python benchmark/throughput.py --shapes capybara tldr --repeats 1 --configs baseline sharing   # a quick look
     python benchmark/throughput.py --profile capybara    # where the time goes, per configuration (torch.profiler)
     python benchmark/throughput.py --calibrate-only --recalibrate   # redo the length calibration
+    # Prefix trees: tool definitions on every row, and one example per turn; exact tree-token bounds only, then timed
+    python benchmark/throughput.py --shapes system-prompt multi-turn --tokens-only --examples 400 --tag trees
+    python benchmark/throughput.py --shapes system-prompt multi-turn --tag trees-timing \\
+        --configs baseline pairwise sharing pairwise+packing sharing+packing
     # GPU: the paper's five configurations, bf16, each configuration isolated (fresh dynamo, compile counts, memory)
     python benchmark/throughput.py --model-size qwen2-0.5b --bf16 --attn-implementation flex_attention --isolate \\
         --configs baseline baseline-flex sharing packing sharing+packing --packing-factor 4 --warmup-steps 3 \\
@@ -11,7 +15,9 @@
 
 The dataset shapes and their synthetic data are in ``shapes.py``, the models, configurations and timed epochs in
 ``timing.py``, the tables and the plot in ``report.py``. Speedups are medians of per-repeat ratios (runs of one
-repeat are adjacent in time, so slow load drift cancels).
+repeat are adjacent in time, so slow load drift cancels). The prefix-tree shapes (``system-prompt``, ``multi-turn``)
+compare prefix sharing, a row's sequences laid out as one prefix tree, with pairwise prefix sharing (``pairwise``,
+``pairwise+packing``: each pair alone, as the paper does), in exact tree tokens and in time.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,8 +41,18 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: the project's mo
     sys.path.insert(0, str(ROOT))
 
 from report import machine_description, render  # noqa: E402
-from shapes import SHAPES, Shape, calibrate  # noqa: E402
-from timing import CONFIGS, MODEL_SIZES, ShapeRun, cost_model, describe_model, model_dims, run_epoch  # noqa: E402
+from shapes import SHAPES, TREE_SHAPES, Shape, calibrate  # noqa: E402
+from timing import (  # noqa: E402
+    CONFIGS,
+    MODEL_SIZES,
+    ShapeRun,
+    TreeShapeRun,
+    cost_model,
+    describe_model,
+    model_dims,
+    run_epoch,
+    tree_shape_tokens,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -113,7 +130,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=list(SHAPES),
+        choices=[*SHAPES, *TREE_SHAPES],
+        help="the paper's shapes (default: all six) and/or the prefix-tree shapes (system-prompt, multi-turn)",
+    )
     parser.add_argument(
         "--configs",
         nargs="+",
@@ -147,7 +170,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=4000,
         help="examples per shape: about this many standard-DPO tokens (rounded up to whole batches)",
     )
-    parser.add_argument("--examples", type=int, default=None, help="fixed number of examples per shape instead")
+    parser.add_argument(
+        "--examples",
+        type=int,
+        default=None,
+        help="fixed number of examples per shape instead (prefix-tree shapes: 48 unless given)",
+    )
     parser.add_argument(
         "--steps", type=int, default=None, help="unpacked steps per timed epoch instead: examples = steps x batch size"
     )
@@ -191,6 +219,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", choices=list(SHAPES), help="profile one shape instead of benchmarking")
     parser.add_argument("--render", type=Path, help="rewrite the .md and .png of a saved results .json, and exit")
     parser.add_argument(
+        "--tokens-only",
+        action="store_true",
+        help="prefix-tree shapes only: write their exact tree-token bounds, time nothing",
+    )
+    parser.add_argument(
         "--calibrate-only",
         action="store_true",
         help="print each shape's calibrated word centers and length statistics, then exit (with --recalibrate)",
@@ -204,6 +237,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.configs = [key for key in CONFIGS if key in args.configs]
     if args.examples is not None and args.steps is not None:
         parser.error("--examples and --steps both set the number of examples: give one")
+    if args.tokens_only and not set(args.shapes) <= set(TREE_SHAPES):
+        parser.error(f"--tokens-only counts the tokens of the prefix-tree shapes {list(TREE_SHAPES)} only")
     return args
 
 
@@ -237,6 +272,9 @@ def run(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, command: s
     """The calibration check, a re-rendering, a profile or the benchmark, as the flags ask."""
     if args.calibrate_only:
         for key in args.shapes:
+            if key in TREE_SHAPES:
+                print(f"{key:14s} a prefix-tree shape: drawn in order, not calibrated")
+                continue
             shape = SHAPES[key]
             centers, _, lengths = calibrate(shape, tokenizer, args.pool_size, args.seed, args.calibration_rounds)
             summary = lengths.summary()
@@ -253,6 +291,25 @@ def run(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, command: s
         stem = args.render.with_suffix("")
         render(payload, stem)
         print(f"wrote {stem}.md, {stem}.png")
+        return
+
+    if args.tokens_only:
+        results = []
+        for key in args.shapes:
+            drawn = tree_shape_tokens(TREE_SHAPES[key], tokenizer, args)
+            summary = drawn["lengths"].summary()
+            results.append({"shape": asdict(TREE_SHAPES[key]), "examples": summary, "trees": drawn["trees"]})
+        payload = {
+            "command": command,
+            "date": date.today().isoformat(),
+            "machine": machine_description(),
+            "tokens_only": True,
+            "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+            "results": results,
+        }
+        stem = args.output_dir / args.tag
+        Path(f"{stem}.json").write_text(json.dumps(payload))
+        print(f"{render(payload, stem)}\n\nwrote {stem}.md, {stem}.json")
         return
 
     if args.profile:
@@ -272,7 +329,8 @@ def run(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, command: s
     stem = args.output_dir / args.tag
     Path(f"{stem}.json").write_text(json.dumps(payload))
     body = render(payload, stem)
-    print(f"\n{body}\n\nwrote {stem}.md, {stem}.json, {stem}.png")
+    plotted = any("trees" not in result for result in results)  # the plot shows the paper's shapes only
+    print(f"\n{body}\n\nwrote {stem}.md, {stem}.json" + (f", {stem}.png" if plotted else ""))
 
 
 def shape_results(args: argparse.Namespace, tokenizer, scratch: Path, log) -> Iterator[dict[str, Any]]:
@@ -282,7 +340,10 @@ def shape_results(args: argparse.Namespace, tokenizer, scratch: Path, log) -> It
         # trainer's first epoch measured no slower than its next ones, so later shapes skip it unless --warmup-all.
         # Isolated configurations start from a fresh dynamo, so they always warm up (and compile) first.
         warmup = args.warmup_steps if index == 0 or args.warmup_all or args.isolate else 0
-        shape_run = ShapeRun(SHAPES[key], tokenizer, args, scratch, log)
+        if key in TREE_SHAPES:
+            shape_run = TreeShapeRun(TREE_SHAPES[key], tokenizer, args, scratch, log)
+        else:
+            shape_run = ShapeRun(SHAPES[key], tokenizer, args, scratch, log)
         yield shape_run.run([CONFIGS[c] for c in args.configs], warmup)
         del shape_run
         gc.collect()

@@ -2,7 +2,9 @@
 
 Every configuration is a ``PrefixDPOTrainer`` running real optimizer steps through ``trainer.train()`` on the same
 examples, from the same initial weights, with a reference model. The baselines are ``prefix_sharing=False``, i.e.
-TRL's own path, with sdpa and with flex_attention. Each repeat times one epoch after untimed warm-up steps.
+TRL's own path, with sdpa and with flex_attention. Prefix sharing lays a row's sequences out as one prefix tree;
+the pairwise configurations lay every pair out alone, as the paper does, and plan packed rows in its tokens. Each
+repeat times one epoch after untimed warm-up steps.
 
 Two schedules:
 - interleaved (default, for a shared CPU machine): every configuration is built first, then each repeat runs every
@@ -25,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shapes import Lengths, Shape, calibrate, representative_subset
+from shapes import Lengths, Shape, TreeShape, calibrate, measure, representative_subset
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -158,6 +160,7 @@ class RunConfig:
     prefix_sharing: bool
     packing: bool
     attn_implementation: str | None = None  # None: the run's --attn-implementation
+    pairwise: bool = False  # prefix sharing within each pair only, not across a row's pairs
 
 
 CONFIGS: dict[str, RunConfig] = {
@@ -165,8 +168,10 @@ CONFIGS: dict[str, RunConfig] = {
     for config in (
         RunConfig("baseline", "TRL path, sdpa", False, False, "sdpa"),
         RunConfig("baseline-flex", "TRL path, flex_attention", False, False, "flex_attention"),
+        RunConfig("pairwise", "pairwise prefix sharing", True, False, pairwise=True),
         RunConfig("sharing", "prefix sharing", True, False),
         RunConfig("packing", "packing", False, True),
+        RunConfig("pairwise+packing", "pairwise prefix sharing + packing", True, True, pairwise=True),
         RunConfig("sharing+packing", "prefix sharing + packing", True, True),
     )
 }
@@ -243,7 +248,7 @@ def make_trainer(
         model.set_attn_implementation(config.attn_implementation or args.attn_implementation)
         models.append(model)
     timer = _step_timer()
-    trainer = PrefixDPOTrainer(
+    trainer = (pairwise_trainer_class() if config.pairwise else PrefixDPOTrainer)(
         model=models[0],
         ref_model=models[1],
         args=training_args,
@@ -255,6 +260,23 @@ def make_trainer(
     # The printer echoes every train() call's metrics dict; the benchmark prints its own lines.
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def pairwise_trainer_class() -> type[PrefixDPOTrainer]:
+    """``PrefixDPOTrainer`` with every pair laid out alone, which the trainer has no flag for: the collator's
+    ``group_prompts=False``, and packed rows planned in the tokens of pairs alone, as that collator lays them out."""
+    from collators import layout_sizes
+    from prefix_dpo_trainer import PrefixDPOTrainer
+
+    class PairwiseDPOTrainer(PrefixDPOTrainer):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.data_collator.group_prompts = False
+
+        def _example_sizes(self, dataset):
+            return layout_sizes(self._layout_examples(dataset), self.shares_prefix, group_prompts=False)
+
+    return PairwiseDPOTrainer
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -417,14 +439,7 @@ class ShapeRun:
 
         self.shape, self.tokenizer, self.args, self.output_dir, self.log = shape, tokenizer, args, output_dir, log
         self.started = time.perf_counter()
-        self.centers, pool, self.pool_lengths = calibrate(
-            shape, tokenizer, args.pool_size, args.seed, args.calibration_rounds
-        )
-        picked = representative_subset(self.pool_lengths, examples_for(self.pool_lengths, args), args.seed)
-        self.dataset = pool.select(picked)
-        # The calibration tokenizes as TRL does (checked against each trainer's dataset), so the packing length can
-        # be chosen before any trainer exists.
-        self.lengths = self.pool_lengths.subset(picked)
+        self._draw_examples()
         self.dims = model_dims(args, len(tokenizer))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -436,18 +451,32 @@ class ShapeRun:
         self.compilation: dict[str, Compilation] = {}
         self._describe()
 
-    def trainer(self, config: RunConfig) -> PrefixDPOTrainer:
+    def _draw_examples(self) -> None:
+        """The timed examples: a representative subset of a pool calibrated to the shape."""
+        self.centers, pool, self.pool_lengths = calibrate(
+            self.shape, self.tokenizer, self.args.pool_size, self.args.seed, self.args.calibration_rounds
+        )
+        picked = representative_subset(self.pool_lengths, examples_for(self.pool_lengths, self.args), self.args.seed)
+        self.dataset = pool.select(picked)
+        # The calibration tokenizes as TRL does (checked against each trainer's dataset), so the packing length can
+        # be chosen before any trainer exists.
+        self.lengths = self.pool_lengths.subset(picked)
+
+    def _packing_statistics(self, config: RunConfig, packing_length: int) -> dict[str, Any]:
         from packing import packing_statistics
 
+        stats = packing_statistics(self.lengths.layout_lengths(config.prefix_sharing), packing_length)
+        return {
+            "packing_length": packing_length,
+            "examples_per_row": stats["mean_examples_per_row"],
+            "efficiency": stats["packing_efficiency"],
+        }
+
+    def trainer(self, config: RunConfig) -> PrefixDPOTrainer:
         packing_length = None
         if config.packing:
             packing_length = choose_packing_length(self.lengths, self.args)
-            stats = packing_statistics(self.lengths.layout_lengths(config.prefix_sharing), packing_length)
-            self.packing_stats[config.key] = {
-                "packing_length": packing_length,
-                "examples_per_row": stats["mean_examples_per_row"],
-                "efficiency": stats["packing_efficiency"],
-            }
+            self.packing_stats[config.key] = self._packing_statistics(config, packing_length)
         trainer = make_trainer(
             config,
             self.dataset,
@@ -494,7 +523,7 @@ class ShapeRun:
 
     def result(self) -> dict[str, Any]:
         return {
-            "shape": {**asdict(self.shape), "paper": self.shape.paper},
+            "shape": self._shape_record(),
             "word_centers": self.centers,
             "examples": self.lengths.summary(),
             "pool": self.pool_lengths.summary(),
@@ -504,6 +533,9 @@ class ShapeRun:
             "compilation": {key: asdict(value) for key, value in self.compilation.items()},
             "wall_seconds": time.perf_counter() - self.started,
         }
+
+    def _shape_record(self) -> dict[str, Any]:
+        return {**asdict(self.shape), "paper": self.shape.paper}
 
     def _run_interleaved(self, configs: list[RunConfig], warmup_steps: int) -> None:
         trainers = {config.key: self.trainer(config) for config in configs}
@@ -566,3 +598,61 @@ class ShapeRun:
             )
             trainer.accelerator.free_memory()
             del trainer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prefix-tree shapes
+# ---------------------------------------------------------------------------------------------------------------------
+
+TREE_EXAMPLES = 48  # examples of a prefix-tree shape unless --examples says otherwise
+
+
+def tree_shape_tokens(shape: TreeShape, tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace) -> dict:
+    """A prefix-tree shape's examples, tokenized as the trainer tokenizes them, and their exact token bounds at the
+    run's packing length (``dataset_stats.tree_statistics``, unpacked batches of ``--batch-size`` pairs)."""
+    from dataset_stats import prepare, tree_statistics
+
+    dataset = shape.generate(args.examples or TREE_EXAMPLES, args.seed)
+    prepared = prepare(dataset, tokenizer, max_length=args.max_length)
+    columns = [prepared[column] for column in ("prompt_ids", "chosen_ids", "rejected_ids")]
+    examples = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in zip(*columns, strict=True)]
+    lengths = Lengths(*([len(ids) for ids in column] for column in columns))
+    trees = tree_statistics(examples, choose_packing_length(lengths, args), args.batch_size, args.seed)
+    return {"dataset": dataset, "lengths": lengths, "trees": trees}
+
+
+class TreeShapeRun(ShapeRun):
+    """A prefix-tree shape: its first examples in order (whole conversations), their exact tree-token bounds, and the
+    configurations timed as for the paper's shapes."""
+
+    def _draw_examples(self) -> None:
+        drawn = tree_shape_tokens(self.shape, self.tokenizer, self.args)
+        self.dataset, self.lengths, self.trees = drawn["dataset"], drawn["lengths"], drawn["trees"]
+        self.pool_lengths, self.centers = self.lengths, None
+        if measure(self.dataset, self.tokenizer) != self.lengths:
+            raise RuntimeError(f"{self.shape.name}: the trainer tokenizes other lengths than measure() counts")
+
+    def _packing_statistics(self, config: RunConfig, packing_length: int) -> dict[str, Any]:
+        if not config.prefix_sharing or config.pairwise:
+            return super()._packing_statistics(config, packing_length)
+        rows = self.trees["rows"]["tree"]
+        return {
+            "packing_length": packing_length,
+            "examples_per_row": len(self.dataset) / rows,
+            "efficiency": self.trees["packing_efficiency"]["tree"],
+        }
+
+    def _describe(self) -> None:
+        tokens = self.trees["tokens"]
+        self.log(
+            f"\n== {self.shape.name}: {len(self.lengths)} examples, median length "
+            f"{self.lengths.summary()['median_length']:.0f}; tokens standard {tokens['standard']:,}, pairwise "
+            f"{tokens['pairwise']:,}, tree: unpacked batches {tokens['tree_unpacked_batches']:,}, packed rows "
+            f"{tokens['tree_packed_rows']:,}"
+        )
+
+    def _shape_record(self) -> dict[str, Any]:
+        return asdict(self.shape)
+
+    def result(self) -> dict[str, Any]:
+        return {**super().result(), "trees": self.trees}

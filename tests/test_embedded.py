@@ -248,3 +248,46 @@ def test_local_stand_ins_load_by_hub_id(tmp_path: Path, monkeypatch: pytest.Monk
     conversation = loaded["train"][0]["chosen"]
     assert embedded.chat_template_ids(tokenizer, conversation) == embedded.chat_template_ids(shipped, conversation)
     assert tokenizer.chat_template == shipped.chat_template
+
+
+def test_tool_definitions_start_every_conversation(tokenizer: PreTrainedTokenizerBase) -> None:
+    """The system-prompt shape of the prefix-tree benchmark: one long block on every row, then differing prompts."""
+    tools = embedded.tool_definitions()
+    assert tools == embedded.tool_definitions(seed=0) != embedded.tool_definitions(seed=1)
+    system = embedded.chat_template_ids(tokenizer, [{"role": "system", "content": tools}])
+    assert 1200 <= len(system) <= 1600
+    dataset = embedded.make_preference_dataset(8, seed=4, system_prompt=tools)
+    assert dataset.to_list()[0]["chosen"][1:] == embedded.make_preference_dataset(1, seed=4).to_list()[0]["chosen"]
+    prompts = [
+        embedded.chat_template_ids(tokenizer, row["chosen"][:-1], add_generation_prompt=True) for row in dataset
+    ]
+    for row, prompt in zip(dataset, prompts, strict=True):
+        assert row["chosen"][0] == row["rejected"][0] == {"role": "system", "content": tools}
+        assert prompt[: len(system)] == system
+    assert len({tuple(prompt) for prompt in prompts}) == len(prompts)
+    with pytest.raises(ValueError, match="system_prob"):
+        embedded.make_preference_dataset(1, system_prompt=tools, system_prob=0.5)
+
+
+def test_multiturn_rows_extend_the_turn_before(tokenizer: PreTrainedTokenizerBase) -> None:
+    """The multi-turn shape: a row per turn, whose prompt is the previous row's prompt and chosen answer (as tokens
+    too) and the next user turn."""
+    dataset = embedded.make_multiturn_preference_dataset(6, turns=(2, 5), seed=1)
+    assert dataset.features == embedded.capybara_features()
+    rows = dataset.to_list()
+    assert embedded.make_multiturn_preference_dataset(8, turns=(2, 5), seed=1).to_list()[: len(rows)] == rows
+    conversations = 0
+    for before, row in zip([None, *rows], rows, strict=False):
+        shared = row["chosen"][:-1]
+        assert shared == row["rejected"][:-1] and row["chosen"][-1]["content"] != row["rejected"][-1]["content"]
+        assert [m["role"] for m in shared] == ["user", "assistant"] * (len(shared) // 2) + ["user"]
+        if len(shared) == 1:
+            conversations += 1
+            continue
+        assert shared[:-1] == before["chosen"]
+        prompt = embedded.chat_template_ids(tokenizer, shared, add_generation_prompt=True)
+        earlier = embedded.chat_template_ids(tokenizer, before["chosen"])
+        assert prompt[: len(earlier)] == earlier
+    assert conversations == 6 and 12 <= len(rows) <= 30
+    with pytest.raises(ValueError, match="turns"):
+        embedded.make_multiturn_preference_dataset(1, turns=(0, 2))

@@ -2,6 +2,8 @@
 
 import itertools
 import math
+import random
+import re
 import sys
 from collections.abc import Callable
 from types import ModuleType
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 import packing
+from collators import PrefixSharingCollator, layout_sizes, shared_sequence_length
 from packing import (
     PackedBatchSampler,
     auto_packing_length,
@@ -348,6 +351,15 @@ def test_next_fit_with_parts_counts_what_a_row_does_not_hold_yet(case, capacity:
     assert len(rows) <= len(next_fit([row_tokens([size]) for size in sizes], capacity))
 
 
+def assert_too_few_examples(error: ValueError, num_examples: int, processes: int) -> None:
+    """The sampler refuses only once every unit is a single example and the processes still need more batches than
+    there are examples (4 examples in 4 rows on 3 processes need 6 batches)."""
+    units = r"(\d+) (?:example\(s\)|group\(s\) of pairs of one prompt)"
+    found = re.fullmatch(units + r" cannot fill (\d+) batches: .*", str(error))
+    assert found, error
+    assert int(found[1]) == num_examples < int(found[2]) and int(found[2]) % processes == 0
+
+
 def refines(units: list[list[int]], planned: list[list[int]]) -> bool:
     """Every used unit is a consecutive piece of a planned one."""
     pieces = {tuple(unit) for unit in units}
@@ -366,11 +378,11 @@ def refines(units: list[list[int]], planned: list[list[int]]) -> bool:
 def test_grouped_packed_sampler_keeps_each_unit_in_one_row(case, capacity, rows_per_batch, processes, shuffle, seed):
     keys, sizes = case
     units = prompt_units(keys, sizes, capacity)
-    if len(sizes) < processes:
-        with pytest.raises(ValueError, match="cannot fill"):
-            PackedBatchSampler(sizes, capacity, rows_per_batch, processes, shuffle, seed, prompts=keys)
+    try:
+        sampler = PackedBatchSampler(sizes, capacity, rows_per_batch, processes, shuffle, seed, prompts=keys)
+    except ValueError as error:
+        assert_too_few_examples(error, len(sizes), processes)
         return
-    sampler = PackedBatchSampler(sizes, capacity, rows_per_batch, processes, shuffle, seed, prompts=keys)
     assert refines(sampler.units, units)
     if len(sampler.units) > len(units):
         assert len(sampler) > len(units), "units are cut only when the processes need more batches than units"
@@ -432,3 +444,135 @@ def test_accelerate_ranks_take_disjoint_whole_groups(num_processes: int) -> None
             # A group is whole, but for the two groups halved so that 40 groups make 42 batches (3 processes).
             halved = sum(keys.count(keys[i]) != sum(keys[j] == keys[i] for j in batch) for i in batch)
             assert halved in (0, 3, 6)
+
+
+# --- prefix trees: a row's sequences share every common prefix (collators.layout_sizes) ------------------------------
+
+
+@st.composite
+def tree_examples(draw: st.DrawFn, max_examples: int = 8) -> list[dict[str, list[int]]]:
+    """Pairs over a few token values, so that sequences share runs and branch often: prompts that start with one of a
+    few system prompts, chosen and rejected responses that start alike, and later turns whose prompt extends an earlier
+    pair's prompt and chosen response."""
+    rng = random.Random(draw(st.integers(0, 2**32 - 1), label="seed"))
+    vocab = draw(st.integers(2, 5), label="token values")
+    systems = [[rng.randrange(vocab) for _ in range(rng.randint(0, 8))] for _ in range(draw(st.integers(1, 3)))]
+    examples: list[dict[str, list[int]]] = []
+    for _ in range(draw(st.integers(1, max_examples), label="pairs")):
+        if examples and rng.random() < 0.3:
+            before = rng.choice(examples)
+            prompt = (
+                before["prompt_ids"] + before["chosen_ids"] + [rng.randrange(vocab) for _ in range(rng.randint(1, 3))]
+            )
+        else:
+            prompt = rng.choice(systems) + [rng.randrange(vocab) for _ in range(rng.randint(1, 4))]
+        head = [rng.randrange(vocab) for _ in range(rng.randint(0, 3))]
+        chosen, rejected = ([*head, *(rng.randrange(vocab) for _ in range(rng.randint(1, 4)))] for _ in range(2))
+        examples.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
+    return examples
+
+
+def tree_tokens(examples: list[dict[str, list[int]]]) -> int:
+    """Tokens of the prefix tree of the examples' sequences: their distinct non-empty prefixes."""
+    prefixes = set()
+    for example in examples:
+        for column in ("chosen_ids", "rejected_ids"):
+            sequence = tuple(example["prompt_ids"] + example[column])
+            prefixes.update(sequence[:end] for end in range(1, len(sequence) + 1))
+    return len(prefixes)
+
+
+@FAST
+@given(tree_examples(), st.integers(0, 2**16), st.integers(0, 20))
+def test_tree_sizes_count_exactly_the_prefix_tree_of_any_row(examples, seed: int, slack: int) -> None:
+    sizes = layout_sizes(examples)
+    rng = random.Random(seed)
+    rows = [list(range(len(examples))), *([i] for i in range(len(examples)))]
+    rows += [sorted(rng.sample(range(len(examples)), rng.randint(1, len(examples)))) for _ in range(4)]
+    for row in rows:
+        chosen = [examples[i] for i in row]
+        assert row_tokens([sizes[i] for i in row]) == tree_tokens(chosen), row
+        # Never more than pairs of one prompt sharing it and the responses they hold (the grouped layout).
+        grouped: dict[tuple, set] = {}
+        for e in chosen:
+            grouped.setdefault(tuple(e["prompt_ids"]), set()).update(
+                {tuple(e["chosen_ids"]), tuple(e["rejected_ids"])}
+            )
+        assert tree_tokens(chosen) <= sum(len(p) + sum(map(len, r)) for p, r in grouped.items())
+    # Sized one at a time (a stream), the parts cut shared runs differently: they may count them more than once,
+    # never less, and never more than the pairs laid out alone. Equal keys are equal parts, so a row's count does not
+    # depend on the order of its examples.
+    alone = [layout_sizes([example])[0] for example in examples]
+    assert tree_tokens(examples) <= row_tokens(alone) <= sum(map(shared_sequence_length, examples))
+    assert row_tokens(alone) == row_tokens(alone[::-1])
+    # The collator's rows: a row's prefix tree fits its packing length.
+    capacity = max(row_tokens([size]) for size in sizes) + slack
+    collator = PrefixSharingCollator(pad_token_id=0, packing_length=capacity)
+    for row in collator.layout_rows(examples):
+        assert tree_tokens([examples[i] for i in row]) <= capacity
+
+
+def test_best_fit_counts_what_a_row_already_holds() -> None:
+    """Twelve pairs behind one 40-token system prompt: 55 tokens each alone, 15 more each beside another; rows of 100
+    tokens take one pair alone but four behind one system prompt."""
+    rng = random.Random(0)
+    system = [rng.randrange(100, 200) for _ in range(40)]
+    examples = [
+        {"prompt_ids": [*system, i], "chosen_ids": [1000 + i] * 7, "rejected_ids": [2000 + i] * 7} for i in range(12)
+    ]
+    sizes = layout_sizes(examples)
+    assert {row_tokens([size]) for size in sizes} == {55} and row_tokens(sizes[:2]) == 70
+    rows = pack_rows(sizes, 100)
+    assert len(rows) == 3 and all(row_tokens([sizes[i] for i in row]) == 100 for row in rows)
+    assert len(pack_rows([55] * 12, 100)) == 12
+    for shuffle in (False, True):
+        sampler = PackedBatchSampler(sizes, 100, rows_per_batch=2, shuffle=shuffle)
+        batches = sampler.batch_rows()
+        assert len(batches) == 2 and all(len(row) == 4 for batch in batches for row in batch)
+
+
+def test_turns_of_a_conversation_share_a_row() -> None:
+    """Eight conversations of 2-6 turns, an example per turn whose prompt extends the turn before, in rows as long as
+    the largest conversation's tree. Longest first, the last turns of the long conversations fill rows before the
+    earlier turns that would share most with them come (7 rows); in tree order each conversation's turns come one
+    after the other and join the row that holds them: 5 rows, against 10 counting each pair alone."""
+    rng = random.Random(0)
+    examples, conversations = [], []
+    for _ in range(8):
+        history = [rng.randrange(100, 200) for _ in range(rng.randint(2, 12))]
+        conversations.append([])
+        for _ in range(rng.randint(2, 6)):
+            history += [rng.randrange(100, 200) for _ in range(rng.randint(2, 16))]
+            chosen, rejected = ([rng.randrange(200, 300) for _ in range(rng.randint(2, 16))] for _ in range(2))
+            conversations[-1].append(len(examples))
+            examples.append({"prompt_ids": list(history), "chosen_ids": chosen, "rejected_ids": rejected})
+            history += chosen
+    sizes = layout_sizes(examples)
+    capacity = max(row_tokens([sizes[i] for i in conversation]) for conversation in conversations)
+    rows = pack_rows(sizes, capacity)
+    assert len(rows) == 5 and all(row_tokens([sizes[i] for i in row]) <= capacity for row in rows)
+    assert len(pack_rows([row_tokens([size]) for size in sizes], capacity)) == 10
+
+
+@FAST
+@given(tree_examples(max_examples=30), st.integers(0, 30), st.integers(1, 3), st.integers(1, 3), st.booleans())
+def test_sampler_rows_of_prefix_trees_fit_and_hold_every_example_once(
+    examples, slack, rows_per_batch, processes, shuffle
+):
+    sizes = layout_sizes(examples)
+    capacity = max(row_tokens([size]) for size in sizes) + slack
+    for window_size in (3, 4096):
+        try:
+            sampler = PackedBatchSampler(sizes, capacity, rows_per_batch, processes, shuffle, window_size=window_size)
+        except ValueError as error:
+            assert_too_few_examples(error, len(examples), processes)
+            return
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            batches = sampler.batch_rows()
+            assert list(sampler) == [[i for row in batch for i in row] for batch in batches]
+            assert len(batches) == len(sampler) and len(sampler) % processes == 0
+            assert all(1 <= len(batch) <= rows_per_batch for batch in batches)
+            rows = [row for batch in batches for row in batch]
+            assert sorted(i for row in rows for i in row) == list(range(len(examples)))
+            assert all(tree_tokens([examples[i] for i in row]) <= capacity for row in rows)
