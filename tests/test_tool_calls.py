@@ -100,11 +100,11 @@ ROWS = [
 ]
 
 
-def tool_calls(storage: str) -> Dataset:
+def tool_calls(storage: str, rows: list[dict] = ROWS) -> Dataset:
     if storage == "json":  # messages of mixed keys, as TRL's tool-call data loads from the hub
-        columns = {key: [row[key] for row in ROWS] for key in ROWS[0]}
+        columns = {key: [row[key] for row in rows] for key in rows[0]}
         return Dataset.from_dict(columns, on_mixed_types="use_json")
-    return Dataset.from_list(ROWS)  # structs: the union of the keys, None where a message lacks one
+    return Dataset.from_list(rows)  # structs: the union of the keys, None where a message lacks one
 
 
 def tool_tokenizer():

@@ -9,20 +9,29 @@ Against trl.DPOTrainer and trl.RewardTrainer, float32 on CPU (loss, per-sequence
 gradient, TRL's metrics): conversations whose prompts all start with one long system message and then differ, with a
 pair whose responses share their first tokens, a pair whose chosen is a prefix of its rejected, and the three turns
 of one conversation as one example each; unpacked (one tree for the whole batch) and packed, sdpa and eager, and the
-flex_attention forward. Mutation tests show that the comparison fails when the trie merges two different tokens, or
-nodes at different depths.
+flex_attention forward; with precomputed reference log-probs, and with LoRA adapters. Prompts that all start with the
+same tool definitions (TRL's ``tools`` column, rendered by the chat template) run that block once per row; Step-DPO
+prompts, each the problem and the steps so far (the one before extended by its chosen step), run every prompt once,
+as the path of the longest one. Mutation tests show that the comparison fails when the trie merges two different
+tokens, or nodes at different depths.
 """
 
 import functools
+import itertools
+import json
 import random
+from typing import Any
 
 import mutations
 import pytest
 import torch
 from datasets import Dataset
 from dpo_harness import (
+    StepResult,
+    assert_each_close,
     assert_flex_forward_matches,
     assert_same_step,
+    lora_config,
     make_trainers,
     relative_error,
     train_step,
@@ -30,9 +39,11 @@ from dpo_harness import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_peft import compare_lora_steps
 from test_properties import scoring_model
 from test_reward import compare as compare_rewards
 from test_reward import make_reward_trainers
+from test_tool_calls import call, returned, tool, tool_calls, tool_tokenizer
 
 import collators
 from collators import (
@@ -41,10 +52,12 @@ from collators import (
     RESPONSES,
     PrefixSharingCollator,
     build_shared_inputs,
+    common_prefix_length,
     dense_mask,
     prompt_rows,
     shared_sequence_length,
 )
+from prefix_dpo_trainer import PrefixDPOTrainer
 
 PAD = 0
 
@@ -302,25 +315,106 @@ def reward_rows() -> Dataset:
     )
 
 
+# Two tools, about 360 tokens as the chat template renders them: every prompt starts with them.
+TOOLS = [
+    tool("weather", "Current weather of a city.", city="string"),
+    tool("convert", "Converts a length to kilometres.", value="number", unit="string"),
+]
+
+
+def tool_rows() -> Dataset:
+    """(prompt, chosen, rejected), each with the same ``tools``: a call and its result, or a direct answer, against
+    a wrong call or a made-up answer; two responses calling the same tool share their first tokens, and the last
+    prompt extends the first one by its chosen exchange and asks again (its chosen answer also answers another
+    prompt). Stored as ``Json`` messages, as TRL's tool-call data loads from the hub."""
+    lyon = [user("How warm is it in Lyon right now?")]
+    lyon_answer = [call("weather", city="Lyon"), returned("weather", "18 C, light rain"), assistant("18 C and rainy.")]
+    miles = [user("Convert 12 miles to kilometres.")]
+    rows = [
+        (lyon, lyon_answer, [assistant("It is always sunny in Lyon.")]),
+        (
+            miles,
+            [call("convert", value=12, unit="mile"), returned("convert", "19.312"), assistant("About 19 km.")],
+            [call("convert", value=12, unit="km"), returned("convert", "7.456"), assistant("About 7 km.")],
+        ),
+        ([user("Is it raining in Oslo?")], [call("weather", city="Oslo")], [call("weather", city="Lyon")]),
+        ([user("Say hello.")], [assistant("Hello.")], [call("weather", city="Hello")]),
+        ([*lyon, *lyon_answer, user("And in Oslo?")], [call("weather", city="Oslo")], [assistant("Also 18 C.")]),
+    ]
+    return tool_calls("json", [{"prompt": p, "chosen": c, "rejected": r, "tools": TOOLS} for p, c, r in rows])
+
+
+PROBLEM = (
+    "A library lends 240 books in its first week. Each week after that it lends 15 more books than the week before, "
+    "and every fifth book lent is returned late. How many books are returned late over the first four weeks? "
+)
+# (correct step, wrong step): each wrong step starts like the correct one.
+STEPS = [
+    ("Step 1: The weeks lend 240, 255, 270 and 285 books.", "Step 1: The weeks lend 240, 265, 290 and 315 books."),
+    (" Step 2: That is 240 + 255 + 270 + 285 = 1050 books.", " Step 2: That is 4 x 240 = 960 books."),
+    (" Step 3: One in five is late, so 1050 / 5 = 210.", " Step 3: One in five is late, so 1050 - 5 = 1045."),
+    (" Step 4: The answer is 210.", " Step 4: The answer is 1050."),
+]
+
+
+def step_rows() -> Dataset:
+    """Step-DPO (plain text): the problem and the correct steps so far, then the next correct step against a wrong
+    one; each prompt is the one before extended by its chosen step."""
+    rows, prompt = [], PROBLEM
+    for chosen, rejected in STEPS:
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        prompt += chosen
+    return Dataset.from_list(rows)
+
+
+def dpo_data(name: str) -> tuple[Dataset, dict[str, Any]]:
+    """A data set of the comparisons with TRL, and the trainers' arguments that read it."""
+    if name == "tools":
+        return tool_rows(), {"tokenizer": tool_tokenizer()}
+    return {"system": dpo_rows, "steps": step_rows}[name](), {}
+
+
 def packing_length(examples: list[dict]) -> int:
     """Room for two examples a row, so that a batch spans several rows, each holding a tree of several examples."""
     return 2 * max(shared_sequence_length(example) for example in examples)
 
 
 @functools.cache
-def trl_dpo_step(attn_implementation: str):
+def trl_dpo_step(data: str, attn_implementation: str = "sdpa") -> StepResult:
     """TRL's side of the comparisons, whatever our side's layout."""
-    trl_trainer, _ = make_trainers(dpo_rows(), attn_implementation=attn_implementation)
+    dataset, kwargs = dpo_data(data)
+    trl_trainer, _ = make_trainers(dataset, attn_implementation=attn_implementation, **kwargs)
     return train_step(trl_trainer)
 
 
-def tree_layout_trainer(attn_implementation: str, packed: bool):
+def tree_layout_trainer(data: str, packed: bool, attn_implementation: str = "sdpa") -> PrefixDPOTrainer:
+    dataset, kwargs = dpo_data(data)
     length = None
     if packed:
-        _, probe = make_trainers(dpo_rows())
+        _, probe = make_trainers(dataset, **kwargs)
         length = packing_length(list(probe.train_dataset))
-    _, ours = make_trainers(dpo_rows(), attn_implementation=attn_implementation, packing_length=length)
+    _, ours = make_trainers(dataset, attn_implementation=attn_implementation, packing_length=length, **kwargs)
     return ours
+
+
+def pairwise_tokens(examples: list[dict], indices) -> int:
+    """What pairwise prefix sharing runs for these examples: each pair's own tree."""
+    return sum(tree_tokens(sequences_of(examples, [index])) for index in indices)
+
+
+def tree_rows(ours: PrefixDPOTrainer, step: StepResult, packed: bool) -> tuple[list[dict], list[list[int]]]:
+    """The examples and the rows of the step's batch (one row unpacked; packed, several, one of several examples),
+    after checking that it computed exactly their trees' tokens and read every completion token at its own prefix."""
+    examples = list(ours.train_dataset)
+    rows = ours.data_collator.layout_rows(examples)
+    assert step.metrics["tokens/computed"] == sum(tree_tokens(sequences_of(examples, row)) for row in rows)
+    if packed:
+        assert 1 < len(rows) < len(examples) and max(map(len, rows)) > 1
+    else:
+        assert len(rows) == 1, "every prompt starts with the same long prefix: one row, one tree"
+        assert step.batch["shared_inputs"]["sequence_ids"].max() == 0
+    assert_reads_their_prefixes(examples, step.batch["shared_inputs"], "next_token")
+    return examples, rows
 
 
 @pytest.mark.parametrize(
@@ -329,26 +423,77 @@ def tree_layout_trainer(attn_implementation: str, packed: bool):
     ids=["sdpa-unpacked", "sdpa-packed", "eager-unpacked"],
 )
 def test_trees_match_trl(attn_implementation, packed):
-    ours = tree_layout_trainer(attn_implementation, packed)
-    examples = list(ours.train_dataset)
+    ours = tree_layout_trainer("system", packed, attn_implementation)
     step = train_step(ours)
-    shared = step.batch["shared_inputs"]
-    rows = ours.data_collator.layout_rows(examples)
-    tree = sum(tree_tokens(sequences_of(examples, row)) for row in rows)
-    assert step.metrics["tokens/computed"] == tree
-    if packed:
-        assert 1 < len(rows) < len(examples) and max(map(len, rows)) > 1
-    else:
-        assert len(rows) == 1, "every prompt starts with the same long system message: one row, one tree"
-        assert shared["sequence_ids"].max() == 0
+    examples, rows = tree_rows(ours, step, packed)
+    if not packed:
         # Under half the tokens of each pair alone (every prompt differs here, so a group is one pair), under a
         # quarter of standard DPO's.
-        pairwise = sum(tree_tokens(sequences_of(examples, [index])) for index in range(len(examples)))
+        tree = step.metrics["tokens/computed"]
         standard = sum(map(len, sequences_of(examples, rows[0])))
         assert step.metrics["tokens/standard_dpo"] == standard
-        assert tree < pairwise / 2 and tree < standard / 4
-    assert_reads_their_prefixes(examples, shared, "next_token")
-    assert_same_step(step, trl_dpo_step(attn_implementation))
+        assert tree < pairwise_tokens(examples, range(len(examples))) / 2 and tree < standard / 4
+    assert_same_step(step, trl_dpo_step("system", attn_implementation))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_tool_definitions_run_once_per_row(packed):
+    """Every prompt starts with the tool block: a row of n examples computes at least n - 1 times its length fewer
+    tokens than pairwise prefix sharing, and every prefix once (read from the mask)."""
+    ours = tree_layout_trainer("tools", packed)
+    step = train_step(ours)
+    examples, rows = tree_rows(ours, step, packed)
+    block = min(common_prefix_length(examples[0]["prompt_ids"], example["prompt_ids"]) for example in examples)
+    rendered = ours.processing_class.decode(examples[0]["prompt_ids"][:block])
+    assert block >= MIN_SHARED_PREFIX and "Tools: " in rendered
+    assert all(json.dumps(definition["function"]["name"]) in rendered for definition in TOOLS)
+    saved = sum((len(row) - 1) * block for row in rows)
+    assert step.metrics["tokens/computed"] <= pairwise_tokens(examples, range(len(examples))) - saved
+    assert_every_prefix_runs_once(examples, rows, step.batch["shared_inputs"])
+    assert_same_step(step, trl_dpo_step("tools"))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_nested_step_prompts_match_trl(packed):
+    """Step-DPO: a row computes its longest prompt, which holds the others, and the responses; no prompt twice."""
+    ours = tree_layout_trainer("steps", packed)
+    step = train_step(ours)
+    examples, rows = tree_rows(ours, step, packed)
+    for earlier, later in itertools.pairwise(examples):  # the tokens extend too (the chosen step without its EOS)
+        extended = earlier["prompt_ids"] + earlier["chosen_ids"][:-1]
+        assert later["prompt_ids"][: len(extended)] == extended
+    responses = sum(len(examples[index][column]) for index in range(len(examples)) for column in RESPONSES)
+    longest_prompts = sum(len(examples[row[-1]]["prompt_ids"]) for row in rows)  # rows hold consecutive examples
+    assert step.metrics["tokens/computed"] <= longest_prompts + responses
+    assert_every_prefix_runs_once(examples, rows, step.batch["shared_inputs"])
+    assert_same_step(step, trl_dpo_step("steps"))
+
+
+def test_trees_with_precomputed_reference_log_probs(monkeypatch, tmp_path):
+    """TRL precomputes the reference log-probs in its ``__init__``: ours do so on the same tree, and agree."""
+    layouts = []
+    build = collators.build_shared_inputs
+
+    def recording(examples, rows, *args, **kwargs):
+        layouts.append(rows)
+        return build(examples, rows, *args, **kwargs)
+
+    monkeypatch.setattr(collators, "build_shared_inputs", recording)
+    trl_trainer, ours = make_trainers(dpo_rows(), reference="precompute", tmp_path=tmp_path)
+    assert layouts == [[list(range(len(conversations())))]], "one batch, one tree"
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert_each_close(torch.tensor(ours.train_dataset[column]), torch.tensor(trl_trainer.train_dataset[column]))
+    step, expected = train_step(ours), train_step(trl_trainer)
+    tree_rows(ours, step, packed=False)
+    assert "ref_chosen_logps" in step.batch
+    assert_same_step(step, expected)
+    # The reference is not the policy, so the rewards depend on the precomputed log-probs.
+    assert abs(expected.metrics["rewards/chosen"]) > 1e-2 and abs(expected.metrics["rewards/rejected"]) > 1e-2
+
+
+def test_trees_with_lora():
+    trl_trainer, ours = make_trainers(dpo_rows(), peft_config=lora_config())
+    tree_rows(ours, compare_lora_steps(trl_trainer, ours), packed=False)
 
 
 def test_trees_flex_attention_forward(fresh_compiler):
@@ -358,9 +503,9 @@ def test_trees_flex_attention_forward(fresh_compiler):
 
 @pytest.mark.parametrize("mutation", ["trie_merges_different_tokens", "trie_merges_across_depths"])
 def test_comparison_fails_on_a_wrong_merge(mutation, monkeypatch):
-    ours = tree_layout_trainer("sdpa", packed=False)
+    ours = tree_layout_trainer("system", packed=False)
     getattr(mutations, mutation)(monkeypatch)
-    step, expected = train_step(ours), trl_dpo_step("sdpa")
+    step, expected = train_step(ours), trl_dpo_step("system")
     both = torch.cat([step.chosen_logps, step.rejected_logps])
     assert relative_error(both, torch.cat([expected.chosen_logps, expected.rejected_logps])) > 1e-3
     with pytest.raises(AssertionError):
