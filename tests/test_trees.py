@@ -57,6 +57,7 @@ from collators import (
     prompt_rows,
     shared_sequence_length,
 )
+from packing import row_tokens
 from prefix_dpo_trainer import PrefixDPOTrainer
 
 PAD = 0
@@ -375,8 +376,10 @@ def dpo_data(name: str) -> tuple[Dataset, dict[str, Any]]:
 
 
 def packing_length(examples: list[dict]) -> int:
-    """Room for two examples a row, so that a batch spans several rows, each holding a tree of several examples."""
-    return 2 * max(shared_sequence_length(example) for example in examples)
+    """Room for the tree of two examples a row, so that a batch spans several rows, each holding a tree of several
+    examples (packing counts tree tokens)."""
+    sizes = collators.layout_sizes(examples)
+    return max(row_tokens(sizes[i : i + 2]) for i in range(len(sizes) - 1))
 
 
 @functools.cache
