@@ -348,6 +348,17 @@ def test_cli_on_two_processes(two_processes):
     assert (two_processes.out / "cli" / "model.safetensors").exists()
 
 
+def assert_same_training(two_processes, one_process, scenario: str, model_dir) -> None:
+    """Every step's gradients, then the final weights, of a two-process scenario against its one-process reference."""
+    reference = f"{scenario}_reference"
+    assert_same_gradients(two_processes.tensors(scenario, "gradients"), one_process.tensors(reference, "gradients"))
+    assert_same_weights(
+        two_processes.tensors(scenario, "weights"),
+        one_process.tensors(reference, "weights"),
+        initial_weights(model_dir),
+    )
+
+
 def test_two_processes_train_the_global_batches_of_one(two_processes, one_process, model_dir):
     """2 processes x 2 examples against 1 process x 4 (prefix sharing, no packing): at every step the same examples,
     loss and gradient (as the optimizer receives it, after DDP's average), and in the end the same weights."""
@@ -356,14 +367,7 @@ def test_two_processes_train_the_global_batches_of_one(two_processes, one_proces
     two, one = by_step(ranks), by_step(one_process.ranks("shared_reference"))
     assert len(two) == 8
     assert_same_global_batches(two, one)
-    assert_same_gradients(
-        two_processes.tensors("shared", "gradients"), one_process.tensors("shared_reference", "gradients")
-    )
-    assert_same_weights(
-        two_processes.tensors("shared", "weights"),
-        one_process.tensors("shared_reference", "weights"),
-        initial_weights(model_dir),
-    )
+    assert_same_training(two_processes, one_process, "shared", model_dir)
 
 
 def test_an_example_dealt_to_the_wrong_process_fails_the_comparison(two_processes, one_process):
@@ -391,14 +395,7 @@ def test_packed_two_processes_match_accumulating_one(two_processes, one_process,
         assert [record["examples"] for record in records] == [record["examples"] for record in one[step]], step
         for record, reference in zip(records, one[step], strict=True):
             assert_close(record["loss"], reference["loss"], rtol=SPLIT_RTOL)
-    assert_same_gradients(
-        two_processes.tensors("packed", "gradients"), one_process.tensors("packed_reference", "gradients")
-    )
-    assert_same_weights(
-        two_processes.tensors("packed", "weights"),
-        one_process.tensors("packed_reference", "weights"),
-        initial_weights(model_dir),
-    )
+    assert_same_training(two_processes, one_process, "packed", model_dir)
 
 
 @pytest.mark.parametrize("scenario", ["shared", "packed"])
