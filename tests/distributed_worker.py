@@ -115,7 +115,7 @@ class TwoProcessPlan(RecordingTrainer):
 
     def _packed_batches(self, dataset, rows_per_batch: int, shuffle: bool) -> RankBatches:
         batches = PackedBatchSampler(
-            self._example_lengths(dataset),
+            self._example_sizes(dataset),
             self.args.packing_length,
             rows_per_batch=rows_per_batch,
             num_processes=2,
