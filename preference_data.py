@@ -46,7 +46,8 @@ Rules for rows (each tested in ``tests/test_bad_input.py``):
 * kept as TRL keeps them: an empty string response (TRL appends EOS: a one-token response); a prompt whose
   tokenization is not a prefix of prompt + response (TRL starts the response where they diverge; the count is
   reported); chosen and rejected conversations that begin with the same assistant turns after an explicit prompt
-  (TRL trains those turns as part of both responses; see :func:`hoist_shared_turns`).
+  (TRL trains those turns as part of both responses, and the prefix tree computes them once; see
+  :func:`hoist_shared_turns` to make them context instead).
 """
 
 import warnings
@@ -351,9 +352,9 @@ def check_rows(dataset: Dataset, schema: str, dataset_name: str = "train") -> No
         warnings.warn(
             f"{len(shared_turns)} {dataset_name} examples ({_rows_text(shared_turns)}): chosen and rejected begin "
             "with the same turns after the prompt. As in trl.DPOTrainer, those turns are trained as part of both "
-            "responses, so prefix sharing computes them twice. preference_data.hoist_shared_turns moves them into "
-            "the prompt instead (then they are context only, which changes the DPO metrics and losses other than "
-            "sigmoid).",
+            "responses (prefix sharing computes them once: they are a start both responses share). "
+            "preference_data.hoist_shared_turns moves them into the prompt instead, if they are meant as context "
+            "(which changes the DPO metrics and losses other than sigmoid).",
             stacklevel=3,
         )
 
@@ -402,7 +403,7 @@ def hoist_shared_turns(dataset: Dataset | IterableDataset, **map_kwargs: Any) ->
     both begin with into the prompt, up to the last shared turn after which both responses continue with an
     assistant message.
 
-    Prefix sharing then computes those turns once. The training sequences (``prompt_ids + chosen_ids`` and
+    (The prefix tree computes those turns once either way.) The training sequences (``prompt_ids + chosen_ids`` and
     ``prompt_ids + rejected_ids``) are unchanged, but the moved turns become context instead of response, exactly as
     TRL treats the same conversations in the implicit-prompt and Capybara schemas. Differences from training the
     original rows with trl.DPOTrainer: the sigmoid loss and its gradient are the same (the moved turns' log-probs
