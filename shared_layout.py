@@ -285,6 +285,7 @@ class SharedLayoutTrainer:
         self.tokens_computed = 0
         self.tokens_standard = 0
         self.examples_trained = 0
+        self._sizes_by_dataset: dict[tuple[str, bool], list[Size]] = {}
         self.standard_layout_reason: str | None = None
         if args is not None:
             self._check_attention_backend(models, args)
@@ -376,8 +377,16 @@ class SharedLayoutTrainer:
         )
 
     def _example_sizes(self, dataset: Dataset) -> list[Size]:
-        """What each example takes in a row (see ``collators.layout_sizes``)."""
-        return layout_sizes(self._layout_examples(dataset), self.shares_prefix)
+        """What each example takes in a row (see ``collators.layout_sizes``). Computed once per data set (by its
+        fingerprint): an example's parts are cut at the prefix tree of the whole set, and packing asks for them
+        several times (the auto length, the length check, the sampler, the precompute batch size)."""
+        fingerprint = getattr(dataset, "_fingerprint", None)
+        if fingerprint is None:  # a single streamed example, as a dict of columns
+            return layout_sizes(self._layout_examples(dataset), self.shares_prefix)
+        key = (fingerprint, self.shares_prefix)
+        if key not in self._sizes_by_dataset:
+            self._sizes_by_dataset[key] = layout_sizes(self._layout_examples(dataset), self.shares_prefix)
+        return self._sizes_by_dataset[key]
 
     def _example_lengths(self, dataset: Dataset) -> list[int]:
         """Tokens each example takes laid out alone (prompt counted once with prefix sharing, else twice)."""
