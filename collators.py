@@ -101,6 +101,9 @@ RESPONSES = ("chosen_ids", "rejected_ids")
 TOKEN_TYPE = "q"  # array typecode of a token in the bytes that prefix trees are computed on: int64
 # Attention backends that take an arbitrary mask through transformers' attention interface.
 MASKABLE_BACKENDS = ("flex_attention", "sdpa", "eager")
+# Per-token model inputs that mark image tokens (1) among text (0), Gemma 3's `token_type_ids` and Qwen-VL's
+# `mm_token_type_ids`: the shared layout carries them laid out as its tokens are (``vision.py``).
+TOKEN_TYPE_FIELDS = ("token_type_ids", "mm_token_type_ids")
 # What a standard sequence reads: the state predicting each completion token (DPO), or the one of its last token.
 Score = Literal["next_token", "last_token"]
 
@@ -389,12 +392,14 @@ def build_shared_inputs(
     num_rows: int | None = None,
     score: Score = "next_token",
     group_prompts: bool = True,
+    standard_width: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Lays out ``examples`` (tokenized pairs) in ``rows`` (lists of example indices, each example in one) for one
     forward.
 
     Returns ``input_ids``, ``position_ids``, ``sequence_ids`` (document, that is tree, index in its row, -1 for
-    padding) and ``subtree_end`` (for each token, the end of the span of the row that sees it: its subtree's, the next
+    padding), ``visible_from`` and ``subtree_end`` (for each token, the span of the row that sees it: from itself, or
+    from the start of a bidirectional block it lies in, which a vision collator marks, to its subtree's end, the next
     index for padding), all ``(num_rows, length)``, and what the head reads. The standard reads are those of the
     chosen sequences of all examples in the order of ``examples``, then of the rejected ones, matching TRL's
     ``[chosen rows; rejected rows]`` batch. ``score="next_token"``: every
@@ -405,7 +410,10 @@ def build_shared_inputs(
     With ``share_prompt`` the sequences of a row form one prefix tree (see the module docstring);
     ``group_prompts=False`` makes every pair its own tree instead, as the paper lays pairs out; ``share_prompt=False``
     every sequence its own document (plain packing). ``num_rows`` pads the layout with empty rows (all padding,
-    nothing scored), so that a short last batch has the same shape as the others.
+    nothing scored), so that a short last batch has the same shape as the others. Given the ``standard_width`` of
+    TRL's standard batch (``[prompt+chosen rows; prompt+rejected rows]``, right-padded), ``standard_index`` holds for
+    each token the flat index of one standard token it stands for (-1 for padding): every standard token a tree token
+    stands for has the same context, so anything computed per standard token can be gathered into the layout.
 
     >>> example = {"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [3, 4]}
     >>> shared = build_shared_inputs([example], [[0]], 0)
@@ -469,14 +477,22 @@ def build_shared_inputs(
                 sequence_reads = [(offset + at[last], None)]
             score_inverse += [reads.setdefault(read, len(reads)) for read in sequence_reads]
 
-    return {
+    layout = {
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "position_ids": torch.tensor(position_ids, dtype=torch.long),
         "sequence_ids": torch.tensor(sequence_ids, dtype=torch.long),
+        "visible_from": torch.arange(length).repeat(len(rows), 1),
         "subtree_end": torch.tensor(subtree_end, dtype=torch.long),
         "score_index": torch.tensor([state for state, _ in reads], dtype=torch.long),
         "score_inverse": torch.tensor(score_inverse, dtype=torch.long),
     }
+    if standard_width is not None:
+        standard_index = torch.full((len(rows) * length,), -1, dtype=torch.long)
+        for (index, column), (offset, at) in placed.items():
+            row = index + (len(examples) if column == RESPONSES[1] else 0)
+            standard_index[torch.tensor(at, dtype=torch.long) + offset] = torch.arange(len(at)) + row * standard_width
+        layout["standard_index"] = standard_index.view(len(rows), length)
+    return layout
 
 
 @dataclass
@@ -517,7 +533,9 @@ class SharedLayoutCollator:
             return [[index] for index in range(len(examples))]
         return prompt_rows(examples, self.min_shared_prefix)
 
-    def shared_inputs(self, examples: Sequence[dict[str, Sequence[int]]], score: Score) -> dict[str, torch.Tensor]:
+    def shared_inputs(
+        self, examples: Sequence[dict[str, Sequence[int]]], score: Score, standard_width: int | None = None
+    ) -> dict[str, torch.Tensor]:
         num_rows = self.batch_rows if self.static_rows else None
         rows = self.layout_rows(examples)
         if self.packing_length is None and num_rows is not None and len(rows) < len(examples):
@@ -534,6 +552,7 @@ class SharedLayoutCollator:
             num_rows=num_rows,
             score=score,
             group_prompts=self.group_prompts,
+            standard_width=standard_width,
         )
 
 
@@ -623,13 +642,22 @@ def unmasked_token_mixers(model: torch.nn.Module) -> list[str]:
 
 
 def _allowed(
-    subtree_end: torch.Tensor, position: torch.Tensor, window: int | torch.Tensor | None, batch, query, key
+    visible_from: torch.Tensor,
+    subtree_end: torch.Tensor,
+    position: torch.Tensor,
+    window: int | torch.Tensor | None,
+    batch,
+    query,
+    key,
 ) -> torch.Tensor:
-    # Keys come before their queries, and a key is seen by the span of the row that starts at it and ends at its
-    # subtree's end: a prompt token by the rest of its document, a response token by the rest of its own response.
-    allowed = (key <= query) & (query < subtree_end[batch, key])
+    # A key is seen by the span of the row that starts where it becomes visible (itself, or the start of the
+    # bidirectional block it lies in) and ends at its subtree's end: a prompt token by the rest of its document, a
+    # response token by the rest of its own response, an image token of a bidirectional model also by its image's
+    # earlier tokens.
+    allowed = (visible_from[batch, key] <= query) & (query < subtree_end[batch, key])
     if window is not None:
-        # Subtract on the query side only, so a dense mask never holds an (L, L) integer tensor.
+        # Subtract on the query side only, so a dense mask never holds an (L, L) integer tensor. The window cuts
+        # bidirectional blocks too, as Gemma 3's sliding layers do (AND of the window and OR(causal, image block)).
         allowed = allowed & (position[batch, key] > position[batch, query] - window)
     return allowed
 
@@ -641,7 +669,8 @@ def dense_mask(shared: dict[str, torch.Tensor], window: int | None = None) -> to
     batch = torch.arange(rows, device=device)[:, None, None]
     query = torch.arange(length, device=device)[None, :, None]
     key = torch.arange(length, device=device)[None, None, :]
-    return _allowed(shared["subtree_end"], shared["position_ids"], window, batch, query, key)[:, None]
+    tokens = shared["visible_from"], shared["subtree_end"], shared["position_ids"]
+    return _allowed(*tokens, window, batch, query, key)[:, None]
 
 
 # Full attention, for FlexAttention, as a window no position difference reaches: every layer kind of a model then
@@ -653,11 +682,11 @@ BLOCK = 128
 BLOCKS_PER_CHUNK = 256
 
 
-def _mask_mod(subtree_end: torch.Tensor, position: torch.Tensor, window: torch.Tensor):
-    # The closure holds these three tensors and nothing else: dynamo guards on what a mask_mod captures, so a captured
+def _mask_mod(visible_from: torch.Tensor, subtree_end: torch.Tensor, position: torch.Tensor, window: torch.Tensor):
+    # The closure holds these four tensors and nothing else: dynamo guards on what a mask_mod captures, so a captured
     # container that changes later (a dict gaining a key) would recompile flex_attention on every forward.
     def mask_mod(batch, head, query, key):
-        return _allowed(subtree_end, position, window, batch, query, key)
+        return _allowed(visible_from, subtree_end, position, window, batch, query, key)
 
     return mask_mod
 
@@ -678,26 +707,37 @@ def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts[:, None].contiguous(), indices[:, None].contiguous()
 
 
-def _windowed_counts(
-    shared: dict[str, torch.Tensor], window: int, blocks: torch.Tensor
+def _evaluated_counts(
+    shared: dict[str, torch.Tensor], window: int | None, blocks: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For ``blocks`` (``(n, 3)``: row, query block, key block), whether any and whether every query-key pair of
     the block is allowed, evaluated token by token, a bounded number of blocks at a time."""
-    subtree_end, position = shared["subtree_end"], shared["position_ids"]
-    length = subtree_end.shape[1]
-    offsets = torch.arange(BLOCK, device=subtree_end.device)
+    tokens = shared["visible_from"], shared["subtree_end"], shared["position_ids"]
+    length = tokens[0].shape[1]
+    offsets = torch.arange(BLOCK, device=tokens[0].device)
     any_allowed, all_allowed = [], []
     for chunk in blocks.split(BLOCKS_PER_CHUNK):
         batch = chunk[:, 0, None, None]
         query = chunk[:, 1, None, None] * BLOCK + offsets[None, :, None]
         key = chunk[:, 2, None, None] * BLOCK + offsets[None, None, :]
         inside = (query < length) & (key < length)  # create_block_mask pads the last block with masked pairs
-        allowed = inside & _allowed(
-            subtree_end, position, window, batch, query.clamp(max=length - 1), key.clamp(max=length - 1)
-        )
+        allowed = inside & _allowed(*tokens, window, batch, query.clamp(max=length - 1), key.clamp(max=length - 1))
         any_allowed.append(allowed.flatten(1).any(1))
         all_allowed.append(allowed.flatten(1).all(1))
     return torch.cat(any_allowed), torch.cat(all_allowed)
+
+
+def _bidirectional_blocks(visible_from: torch.Tensor) -> torch.Tensor:
+    """``(rows, q_blocks, kv_blocks)``: block pairs that may both hold tokens of one bidirectional block (an image of
+    a model that attends within images both ways), where a key can be seen by an earlier query. Judged by the range
+    of block starts each block holds, so it may also flag pairs that do not."""
+    index = torch.arange(visible_from.shape[1], device=visible_from.device)
+    starts = torch.zeros_like(visible_from, dtype=torch.bool)
+    starts[:, :-1] = visible_from[:, 1:] == index[:-1]  # the next token is seen from this one: a block starts
+    member = (visible_from < index) | starts
+    low = _per_block(torch.where(member, visible_from, 2**62), 2**62, "min")
+    high = _per_block(torch.where(member, visible_from, -1), -1, "max")
+    return (low[:, :, None] <= high[:, None, :]) & (low[:, None, :] <= high[:, :, None])
 
 
 def block_mask(shared: dict[str, torch.Tensor], window: int | None = None):
@@ -711,7 +751,8 @@ def block_mask(shared: dict[str, torch.Tensor], window: int | None = None):
     every pair iff every key's subtree covers the whole query block (``min subtree_end >= 128 (j + 1)``, and neither
     block runs past the row's end). The diagonal block always holds allowed pairs (each token sees itself) and never
     only those; later key blocks none. A sliding window (in position space) keeps a full block full when its
-    positions are all within it and empties a block when none are; the blocks between are checked token by token.
+    positions are all within it and empties a block when none are. The blocks between, and the blocks that two
+    tokens of one bidirectional block may meet in (``visible_from``), are checked token by token.
     Blocks where rejected queries meet chosen keys, and packed documents meet each other, are skipped.
     """
     from torch.nn.attention.flex_attention import BlockMask
@@ -728,6 +769,7 @@ def block_mask(shared: dict[str, torch.Tensor], window: int | None = None):
     covers = _per_block(subtree_end, length + 1, "min")[:, None, :] >= query_start + BLOCK
     some = (earlier & reaches) | (key_block == query_block)
     every = earlier & covers & whole[None, :, None] & whole[None, None, :]
+    undecided = _bidirectional_blocks(shared["visible_from"])
     if window is not None:
         # Positions per block: the query block's highest against the key block's lowest, and the reverse.
         key_low = _per_block(position, 2**62, "min")[:, None, :]
@@ -736,15 +778,15 @@ def block_mask(shared: dict[str, torch.Tensor], window: int | None = None):
         query_high = _per_block(position, -(2**62), "max")[:, :, None]
         inside_window = query_high - key_low < window
         outside_window = query_low - key_high >= window
-        undecided = some & ~outside_window & ~inside_window
+        undecided = undecided | (some & ~outside_window & ~inside_window)
         some = some & ~outside_window
         every = every & inside_window
-        blocks = undecided.nonzero()
-        if len(blocks):
-            any_allowed, all_allowed = _windowed_counts(shared, window, blocks)
-            rows_at, query_at, key_at = blocks.unbind(1)
-            some[rows_at, query_at, key_at] = any_allowed
-            every[rows_at, query_at, key_at] = all_allowed
+    blocks = undecided.nonzero()
+    if len(blocks):
+        any_allowed, all_allowed = _evaluated_counts(shared, window, blocks)
+        rows_at, query_at, key_at = blocks.unbind(1)
+        some[rows_at, query_at, key_at] = any_allowed
+        every[rows_at, query_at, key_at] = all_allowed
     partial = some & ~every
     kv_num_blocks, kv_indices = _ordered(partial)
     full_kv_num_blocks, full_kv_indices = _ordered(every)
@@ -755,7 +797,7 @@ def block_mask(shared: dict[str, torch.Tensor], window: int | None = None):
         full_kv_num_blocks,
         full_kv_indices,
         BLOCK_SIZE=BLOCK,
-        mask_mod=_mask_mod(subtree_end, position, window_tensor),
+        mask_mod=_mask_mod(shared["visible_from"], subtree_end, position, window_tensor),
         seq_lengths=(length, length),
     )
 

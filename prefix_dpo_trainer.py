@@ -20,17 +20,23 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import is_peft_model
-from datasets import IterableDataset
+from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from trl import DPOConfig, DPOTrainer
-from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.dpo_trainer import DataCollatorForPreference, DataCollatorForVisionPreference
 from trl.trainer.utils import FusedCausalLMOutput
 
 from collators import PrefixSharingCollator
 from packing import packing_statistics
 from preference_data import check_config, check_datasets_not_empty, finish_tokenized, normalize_schema
 from shared_layout import SharedLayoutArguments, SharedLayoutTrainer, check_shared_layout_model, shared_backbone
+from vision import (
+    PrefixSharingVisionCollator,
+    multimodal_positions,
+    vision_collator_fields,
+    vision_layout_examples,
+)
 
 PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -78,9 +84,10 @@ def add_shared_forward(model: PreTrainedModel) -> None:
             return fused_forward(*args, labels=labels, **kwargs)
         if args:
             raise TypeError("The prefix-sharing forward takes keyword arguments only.")
-        # The standard-layout `input_ids`/`attention_mask` only define `labels`; the shared layout replaces them.
-        kwargs.pop("input_ids", None)
-        kwargs.pop("attention_mask", None)
+        # The standard-layout `input_ids`/`attention_mask` define `labels` (and multimodal positions); the shared
+        # layout replaces them.
+        standard_ids = kwargs.pop("input_ids", None)
+        standard_mask = kwargs.pop("attention_mask", None)
         score_mask = labels[:, 1:] != -100
         token_labels = labels[:, 1:][score_mask]
         inverse = shared_inputs["score_inverse"].to(token_labels.device)
@@ -98,6 +105,8 @@ def add_shared_forward(model: PreTrainedModel) -> None:
 
         router_logits: list = []
         with shared_backbone(self, shared_inputs, router_logits) as layout:
+            if "standard_index" in shared_inputs:
+                layout["position_ids"] = multimodal_positions(self, shared_inputs, standard_ids, standard_mask)
             outputs = fused_forward(**layout, shift_labels=read_labels.unsqueeze(0), **kwargs)
         per_token = {
             name: None
@@ -161,9 +170,21 @@ class PrefixDPOTrainer(SharedLayoutTrainer, DPOTrainer):
         add_shared_forward(self.model.get_base_model() if is_peft_model(self.model) else self.model)
         if self.ref_model is not None:
             add_shared_forward(self.accelerator.unwrap_model(self.ref_model))
-        self._replace_collator(DataCollatorForPreference, PrefixSharingCollator)
+        if self._is_vision_dataset:
+            more = vision_collator_fields(self.model, self._tokenizer)
+            self._replace_collator(DataCollatorForVisionPreference, PrefixSharingVisionCollator, **more)
+        else:
+            self._replace_collator(DataCollatorForPreference, PrefixSharingCollator)
 
     def _layout_examples(self, dataset) -> list[dict[str, Sequence[int]]]:
+        if self._is_vision_dataset:
+            rows = (
+                dataset
+                if isinstance(dataset, Dataset)
+                else [dict(zip(dataset, row, strict=True)) for row in zip(*dataset.values(), strict=True)]
+            )
+            token_id = self.model.config.image_token_id
+            return vision_layout_examples(self.processing_class, rows, token_id, self.args.max_length)
         columns = zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
         return [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in columns]
 

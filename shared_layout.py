@@ -33,6 +33,7 @@ from transformers.utils import is_torch_bf16_gpu_available
 
 from collators import (
     MASKABLE_BACKENDS,
+    TOKEN_TYPE_FIELDS,
     SharedLayoutCollator,
     attention_mask_for,
     attention_windows,
@@ -182,6 +183,7 @@ def shared_backbone(
             "input_ids": shared_inputs["input_ids"],
             "position_ids": shared_inputs["position_ids"],
             "attention_mask": cached_attention_mask(shared_inputs, model.config, model.dtype),
+            **{name: shared_inputs[name] for name in TOKEN_TYPE_FIELDS if name in shared_inputs},
         }
     finally:
         handle.remove()
@@ -353,8 +355,9 @@ class SharedLayoutTrainer:
         elif custom_mask and backend is not None and backend not in MASKABLE_BACKENDS:
             raise ValueError(unsupported_backend_message(backend))
 
-    def _replace_collator(self, standard: type, shared: type[SharedLayoutCollator]) -> None:
-        """Swaps TRL's default collator (of type ``standard``) for its shared-layout version (idempotent)."""
+    def _replace_collator(self, standard: type, shared: type[SharedLayoutCollator], **more: Any) -> None:
+        """Swaps TRL's default collator (of type ``standard``) for its shared-layout version (idempotent), which takes
+        the fields the two have in common, and ``more``."""
         collator = self.data_collator
         if isinstance(collator, SharedLayoutCollator):
             return
@@ -367,9 +370,13 @@ class SharedLayoutTrainer:
         # FlexAttention compiles once per shape: bucket unpacked lengths and keep every loader's row count fixed, to
         # bound the number of shapes. Dense masks compile nothing, and padding would only cost them time.
         compiled = self.model.config._attn_implementation == "flex_attention"
-        fields = {f.name: getattr(collator, f.name) for f in dataclasses.fields(collator) if f.init}
+        taken = {f.name for f in dataclasses.fields(shared) if f.init}
+        fields = {
+            f.name: getattr(collator, f.name) for f in dataclasses.fields(collator) if f.init and f.name in taken
+        }
         self.data_collator = shared(
             **fields,
+            **more,
             shared_pad_to_multiple_of=128 if compiled else collator.pad_to_multiple_of,
             packing_length=packing_length,
             share_prompt=self.shares_prefix,

@@ -93,7 +93,8 @@ def measure_one(builder: str, length: int, args: argparse.Namespace) -> dict[str
                 block_mask(shared, window)
             else:
                 window_tensor = torch.tensor(2**40 if window is None else window, device=args.device)
-                mask_mod = _mask_mod(shared["subtree_end"], shared["position_ids"], window_tensor)
+                tokens = shared["visible_from"], shared["subtree_end"], shared["position_ids"]
+                mask_mod = _mask_mod(*tokens, window_tensor)
                 reference(mask_mod, args.rows, None, length, length, device=args.device)
         if cuda:
             torch.cuda.synchronize()

@@ -265,11 +265,19 @@ def assert_each_close(
         assert abs(value - reference) <= bound, (index, value, reference)
 
 
+# Gradients that are zero in exact arithmetic hold only rounding, such as an attention key bias's (softmax ignores a
+# constant added to every score of a query): each gradient is compared within rtol of its own norm or of this share
+# of the largest one (float32 leaves such a gradient about 2e-10 of the largest, measured on LLaVA).
+GRAD_FLOOR = 1e-3
+
+
 def assert_same_grads(ours: dict[str, torch.Tensor], trl: dict[str, torch.Tensor], rtol: float = RTOL) -> None:
     assert ours.keys() == trl.keys()
-    assert sum(g.norm() for g in trl.values()) > 0
+    largest = max(grad.double().norm().item() for grad in trl.values())
+    assert largest > 0
     for name, grad in trl.items():
-        assert relative_error(ours[name], grad) <= rtol, name
+        scale = max(grad.double().norm().item(), GRAD_FLOOR * largest)
+        assert (ours[name].double() - grad.double()).norm().item() <= rtol * scale, name
 
 
 def assert_same_step(

@@ -70,8 +70,9 @@ def window_off_by(monkeypatch: pytest.MonkeyPatch, shift: int) -> None:
     builds: dense, additive and FlexAttention's (block selection and mask_mod)."""
     allowed = collators._allowed
 
-    def mutated(subtree_end, position, window, batch, query, key):
-        return allowed(subtree_end, position, None if window is None else window + shift, batch, query, key)
+    def mutated(visible_from, subtree_end, position, window, batch, query, key):
+        shifted = None if window is None else window + shift
+        return allowed(visible_from, subtree_end, position, shifted, batch, query, key)
 
     monkeypatch.setattr(collators, "_allowed", mutated)
 
@@ -145,8 +146,8 @@ def mask_mod_reaches_one_further(monkeypatch: pytest.MonkeyPatch) -> None:
     selection stays right."""
     mask_mod = collators._mask_mod
 
-    def mutated(subtree_end: torch.Tensor, position: torch.Tensor, window: torch.Tensor):
-        return mask_mod(subtree_end + 1, position, window)
+    def mutated(visible_from: torch.Tensor, subtree_end: torch.Tensor, position: torch.Tensor, window: torch.Tensor):
+        return mask_mod(visible_from, subtree_end + 1, position, window)
 
     monkeypatch.setattr(collators, "_mask_mod", mutated)
 

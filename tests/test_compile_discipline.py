@@ -84,7 +84,7 @@ def test_mask_captures_only_id_tensors():
     for window in (None, 2):
         captured = [cell.cell_contents for cell in block_mask(shared, window).mask_mod.__closure__]
         assert all(isinstance(value, torch.Tensor) for value in captured), captured
-        ids = [shared["subtree_end"], shared["position_ids"]]
+        ids = [shared["visible_from"], shared["subtree_end"], shared["position_ids"]]
         assert all(any(value is tensor for value in captured) for tensor in ids)
 
 
