@@ -56,12 +56,22 @@ class PrefixDPOConfig(SharedLayoutArguments, DPOConfig):
     def __post_init__(self):
         self.settle_layout_flags()
         check_config(self)
-        if self.prefix_sharing and self.truncation_mode != "keep_start":
-            raise ValueError(
-                f"--truncation_mode {self.truncation_mode} cuts the prompt differently before each response, so it "
-                "cannot be shared. Use --truncation_mode keep_start with --max_prompt_length."
-            )
         super().__post_init__()
+
+
+def check_truncation_mode(args: DPOConfig | None, data_collator=None, train_dataset=None, *_, **__) -> None:
+    """Prefix sharing needs one prompt before both responses. Checked when the trainer is built, not in the config,
+    so that TRL's own order holds for vision data: its config warns that keep_end is deprecated, its trainer refuses
+    keep_end for vision-language models."""
+    if not getattr(args, "prefix_sharing", False) or args.truncation_mode == "keep_start":
+        return
+    first = next(iter(train_dataset), {}) if train_dataset is not None else {}
+    if "image" in first or "images" in first:
+        return  # TRL's DPOTrainer raises for keep_end on vision data
+    raise ValueError(
+        f"--truncation_mode {args.truncation_mode} cuts the prompt differently before each response, so it "
+        "cannot be shared. Use --truncation_mode keep_start with --max_prompt_length."
+    )
 
 
 def add_shared_forward(model: PreTrainedModel) -> None:
@@ -158,6 +168,7 @@ class PrefixDPOTrainer(SharedLayoutTrainer, DPOTrainer):
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, *more_args, **kwargs):
         check_datasets_not_empty(*more_args, **kwargs)
+        check_truncation_mode(args, *more_args, **kwargs)
         self._start_shared_layout([model, ref_model], args)
         super().__init__(model, ref_model, args, *more_args, **kwargs)
         self._finish_shared_layout()

@@ -114,11 +114,6 @@ def test_max_prompt_length_must_be_below_max_length():
         parse(["--max_prompt_length", "512", "--max_length", "512"])
 
 
-def test_keep_end_truncation_cannot_share_the_prompt(tmp_path):
-    with pytest.raises(ValueError, match="--truncation_mode keep_end"):
-        PrefixDPOConfig(output_dir=str(tmp_path), prefix_sharing=True, truncation_mode="keep_end", bf16=False)
-
-
 @pytest.mark.parametrize("backend", ["flash_attention_2", "flash_attention_3"])
 def test_flash_attention_with_prefix_sharing_is_a_clear_error(backend, tmp_path):
     args = PrefixDPOConfig(

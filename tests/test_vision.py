@@ -1,0 +1,150 @@
+"""Vision-language DPO with prefix sharing against TRL's own ``DPOTrainer`` (float32, CPU), per model family.
+
+The batch mixes what vision preference data holds: pairs of one prompt and image (they share the prompt and the
+image), a prompt with two images, a row without an image, and a prompt that repeats another's text before a
+different image (they may share only the text before the image). Each family's tiny model and processor come from
+``vision_models.py``.
+"""
+
+import copy
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from datasets import Dataset
+from dpo_harness import (
+    StepResult,
+    assert_same_step,
+    flex_forward_errors,
+    perturbed_copy,
+    relative_error,
+    train_step,
+)
+from trl import DPOConfig, DPOTrainer
+from vision_models import FAMILIES, build, images
+
+import collators
+from prefix_dpo_trainer import PrefixDPOConfig, PrefixDPOTrainer
+
+
+def message(role: str, text: str, image_count: int = 0) -> dict[str, Any]:
+    return {"role": role, "content": [{"type": "image"}] * image_count + [{"type": "text", "text": text}]}
+
+
+def vision_rows(seed: int = 0) -> Dataset:
+    """Six conversational pairs: 0 and 2 share question and image, 5 asks 0's question of another image, 3 holds two
+    images, 4 none."""
+    first, second, third, fourth, fifth = images(5, seed)
+    rows = [
+        ([first], "What is in this picture?", "A small red house by a lake.", "A dog."),
+        ([second], "Describe the colours you see, from the top of the picture to the bottom.", "Blue, then green.", "Red."),
+        ([first], "What is in this picture?", "A house.", "A tall grey tower on a hill, in the rain."),
+        ([third, fourth], "How do these two differ?", "The first is darker.", "They are the same picture."),
+        ([], "Name a colour that is not in the rainbow.", "Brown.", "Blue, which is in it."),
+        ([fifth], "What is in this picture?", "Stripes.", "Nothing at all."),
+    ]
+    return Dataset.from_list(
+        [
+            {
+                "images": pictures,
+                "prompt": [message("user", question, len(pictures))],
+                "chosen": [message("assistant", chosen)],
+                "rejected": [message("assistant", rejected)],
+            }
+            for pictures, question, chosen, rejected in rows
+        ]
+    )
+
+
+def make_vision_trainers(
+    family: str, dataset: Dataset, attn_implementation: str = "sdpa", max_length: int | None = None, **ours: Any
+) -> tuple[DPOTrainer, PrefixDPOTrainer]:
+    """TRL's trainer and ours on the same policy, reference (the policy with noise) and batch (the whole dataset)."""
+    policy, processor = build(family)
+    policy.set_attn_implementation(attn_implementation)
+    reference = perturbed_copy(policy)
+    trainers = []
+    for trainer_cls, config_cls, flags in (
+        (DPOTrainer, DPOConfig, {}),
+        (PrefixDPOTrainer, PrefixDPOConfig, {"prefix_sharing": True, **ours}),
+    ):
+        args = config_cls(
+            output_dir=f"/tmp/prefix-dpo-tests/{trainer_cls.__name__}",
+            report_to="none",
+            bf16=False,
+            per_device_train_batch_size=len(dataset),
+            max_length=max_length,
+            **flags,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainers.append(
+                trainer_cls(
+                    model=copy.deepcopy(policy),
+                    ref_model=copy.deepcopy(reference),
+                    args=args,
+                    train_dataset=dataset,
+                    processing_class=processor,
+                )
+            )
+    return trainers[0], trainers[1]
+
+
+LAYOUTS = {
+    "unpacked": {},
+    "packed": {"enable_packing": True, "packing_length": "1024"},
+    "grouped": {"group_by_prompt": True},
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exact_against_trl(family: str, layout: str) -> None:
+    trl_trainer, ours = make_vision_trainers(family, vision_rows(), **LAYOUTS[layout])
+    ours_step, trl_step = train_step(ours), train_step(trl_trainer)
+    assert "shared_inputs" in ours_step.batch
+    assert_same_step(ours_step, trl_step)
+    assert any("vision" in name or "visual" in name for name in trl_step.grads)
+
+
+def tower_pixels(trainer: DPOTrainer) -> int:
+    """Pixel values that reach the vision tower in one training step (forward hook on the tower)."""
+    seen = []
+    model = trainer.model
+    tower = next(
+        module for name, module in model.named_modules() if name.endswith(("vision_tower", "visual"))
+    )
+    handle = tower.register_forward_hook(lambda module, args, output: seen.append(args[0].numel()))
+    try:
+        train_step(trainer)
+    finally:
+        handle.remove()
+    return sum(seen)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vision_tower_sees_each_prompt_image_once(family: str) -> None:
+    """Three pairs, two of them on one image: TRL's collator sends six images through the tower (each pair's, for
+    chosen and for rejected), the shared layout two."""
+    picture, other = images(2, seed=1)
+    rows = [
+        {"images": [picture], "prompt": [message("user", "What is it?", 1)]},
+        {"images": [picture], "prompt": [message("user", "What is it?", 1)]},
+        {"images": [other], "prompt": [message("user", "What is it?", 1)]},
+    ]
+    for number, row in enumerate(rows):
+        row["chosen"], row["rejected"] = [message("assistant", f"A thing {number}.")], [message("assistant", "No.")]
+    trl_trainer, ours = make_vision_trainers(family, Dataset.from_list(rows))
+    assert tower_pixels(ours) * 3 == tower_pixels(trl_trainer)
+
+
+@pytest.mark.parametrize("family", FAMILIES[:1])
+def test_a_merge_of_different_images_is_caught(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mutation: every image gets one digest, so prompts that differ only in their images merge, and one image's
+    features stand in for the others'."""
+    monkeypatch.setattr("vision._digest", lambda fields: 0)
+    trl_trainer, ours = make_vision_trainers(family, vision_rows())
+    ours_step, trl_step = train_step(ours), train_step(trl_trainer)
+    with pytest.raises(AssertionError):
+        assert_same_step(ours_step, trl_step)
