@@ -280,6 +280,9 @@ class SharedLayoutTrainer:
 
     # The counter of what the standard path computes, beside `tokens/computed`.
     standard_tokens_metric = "tokens/standard"
+    # The start that an example's two sequences always share: none for a reward pair, whose sequences may differ from
+    # their first token; a DPO prompt holds at least one token (the first response token is predicted from it).
+    shortest_shared_start = 0
 
     def _start_shared_layout(self, models: Sequence[Any], args: TrainingArguments | None) -> None:
         self.tokens_computed = 0
@@ -374,7 +377,14 @@ class SharedLayoutTrainer:
             packing_length=packing_length,
             share_prompt=self.shares_prefix,
             static_rows=compiled,
+            max_row_tokens=self._longest_example_tokens(),
         )
+
+    def _longest_example_tokens(self) -> int | None:
+        """The most tree tokens one example may take under ``max_length`` (``None`` without it): its two sequences of
+        at most ``max_length`` tokens each, less the start they always share."""
+        max_length = self.args.max_length
+        return None if max_length is None else 2 * max_length - self.shortest_shared_start
 
     def _example_sizes(self, dataset: Dataset) -> list[Size]:
         """What each example takes in a row (see ``collators.layout_sizes``). Computed once per data set (by its

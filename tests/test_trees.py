@@ -543,3 +543,59 @@ def test_hand_drawn_reward_tree():
     step = compare_rewards(dataset, packing_length=16)
     assert len(step.batch["shared_inputs"]["input_ids"]) == 1
     assert step.metrics["tokens/computed"] == 11 and step.metrics["tokens/standard"] == 21
+
+
+# --- unpacked rows of several prompts: gathered by --group_by_prefix, capped by max_length -------------------------
+
+OTHER_SYSTEM = (
+    "You answer questions about the county's bus lines and their tickets. Give the line number and one stop, keep "
+    "to a single short sentence, be polite, and say so plainly when a timetable or a fare is not known to you."
+)
+QUESTIONS = [
+    ("Which line goes to the hospital?", "Line 4 stops at the main gate of the hospital.", "Take any line."),
+    ("Is there a night bus?", "Yes, line N1 runs hourly until two in the morning.", "No, never."),
+    ("Can I bring a bicycle?", "Only folded bicycles are allowed on board.", "Yes, any bicycle, any time."),
+    ("Where do I buy a ticket?", "From the driver, or at the machine by the station.", "Tickets are free."),
+]
+
+
+def system_prompt_rows() -> Dataset:
+    """Distinct questions behind two long system messages (each renders to more than ``MIN_SHARED_PREFIX`` tokens,
+    and they differ from their first words)."""
+    rows = [
+        {
+            "prompt": [{"role": "system", "content": system}, user(q)],
+            "chosen": [assistant(c)],
+            "rejected": [assistant(r)],
+        }
+        for system in (SYSTEM, OTHER_SYSTEM)
+        for q, c, r in QUESTIONS
+    ]
+    return Dataset.from_list(rows)
+
+
+def test_a_merged_row_holds_at_most_what_one_pair_may_take(tmp_path):
+    """With ``max_length`` the longest example (nothing is cut), a row holds at most the tree tokens one pair may take,
+    ``2 max_length - 1`` (a DPO prompt holds a token at least): each system prompt's questions take two rows, each
+    a tree read at its own prefixes, and the step is TRL's."""
+    _, probe = make_trainers(system_prompt_rows())
+    examples = list(probe.train_dataset)
+    longest = max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples)
+    trl_trainer, ours = make_trainers(system_prompt_rows(), max_length=longest)
+    cap = ours.data_collator.max_row_tokens
+    assert cap == 2 * longest - 1 and list(ours.train_dataset) == examples
+    rows = ours.data_collator.layout_rows(examples)
+    unbounded = prompt_rows(examples)
+    assert max(tree_tokens(sequences_of(examples, row)) for row in unbounded) > cap, "the merge would pass the cap"
+    assert len(rows) > len(unbounded) and all(tree_tokens(sequences_of(examples, row)) <= cap for row in rows)
+    # Greedy in order: a row of a key is full when its key's next example would not fit it.
+    for row, following in itertools.pairwise(rows):
+        if collators.prompt_row_key(examples[row[0]]["prompt_ids"]) == collators.prompt_row_key(
+            examples[following[0]]["prompt_ids"]
+        ):
+            assert tree_tokens(sequences_of(examples, [*row, following[0]])) > cap
+    step = train_step(ours)
+    assert step.metrics["tokens/computed"] == sum(tree_tokens(sequences_of(examples, row)) for row in rows)
+    assert_reads_their_prefixes(examples, step.batch["shared_inputs"], "next_token")
+    assert_every_prefix_runs_once(examples, rows, step.batch["shared_inputs"])
+    assert_same_step(step, train_step(trl_trainer))
