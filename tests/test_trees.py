@@ -574,6 +574,44 @@ def system_prompt_rows() -> Dataset:
     return Dataset.from_list(rows)
 
 
+def test_group_by_prefix_gathers_a_system_prompts_questions_and_matches_trl(tmp_path):
+    """Batches of 4 of the 8 pairs: by shared prefix, a batch holds one system prompt's 4 questions, one row and one
+    tree, where shuffled batches mix the two system prompts and run each of them once per row; each grouped step is
+    TRL's on the same pairs."""
+    batch = {"per_device_train_batch_size": 4, "seed": 3}
+    trl_trainer, grouped = make_trainers(system_prompt_rows(), tmp_path=tmp_path, group_by_prefix=True, **batch)
+    _, shuffled = make_trainers(system_prompt_rows(), tmp_path=tmp_path, **batch)
+    examples = list(grouped.train_dataset)
+    keys = [collators.prompt_row_key(example["prompt_ids"]) for example in examples]
+    assert len(set(keys)) == 2 and len({tuple(example["prompt_ids"]) for example in examples}) == len(examples)
+    computed = 0
+    for indices in grouped.get_train_dataloader().batch_sampler:
+        assert len({keys[i] for i in indices}) == 1 and len(indices) == 4
+        step = train_step(grouped, examples=[examples[i] for i in indices])
+        assert len(step.batch["shared_inputs"]["input_ids"]) == 1
+        computed += step.metrics["tokens/computed"]
+        assert_same_step(step, train_step(trl_trainer, examples=[trl_trainer.train_dataset[i] for i in indices]))
+    assert computed == sum(
+        tree_tokens(sequences_of(examples, [i for i, key in enumerate(keys) if key == prefix])) for prefix in set(keys)
+    )
+    mixed = sum(int((batch["shared_inputs"]["sequence_ids"] >= 0).sum()) for batch in shuffled.get_train_dataloader())
+    block = common_prefix_length(examples[0]["prompt_ids"], examples[1]["prompt_ids"])
+    assert mixed >= computed + block, "shuffled, some batch runs a system prompt twice"
+
+
+def test_reward_group_by_prefix_gathers_a_system_prompts_questions(tmp_path):
+    """The reward trainer's prompt is a pair's common prefix: its batches gather by the same key."""
+    dataset = Dataset.from_list(
+        [
+            {"chosen": [*r["prompt"], *r["chosen"]], "rejected": [*r["prompt"], *r["rejected"]]}
+            for r in system_prompt_rows()
+        ]
+    )
+    _, ours = make_reward_trainers(dataset, tmp_path=tmp_path, group_by_prefix=True, per_device_train_batch_size=4)
+    batches = list(ours.get_train_dataloader())
+    assert len(batches) == 2 and all(len(batch["shared_inputs"]["input_ids"]) == 1 for batch in batches)
+
+
 def test_a_merged_row_holds_at_most_what_one_pair_may_take(tmp_path):
     """With ``max_length`` the longest example (nothing is cut), a row holds at most the tree tokens one pair may take,
     ``2 max_length - 1`` (a DPO prompt holds a token at least): each system prompt's questions take two rows, each
