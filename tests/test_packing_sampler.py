@@ -310,7 +310,7 @@ def test_packing_statistics() -> None:
     assert packing_statistics([], capacity=10)["num_rows"] == 0
 
 
-# --- parts and units: pairs of one prompt share it (--group_by_prompt) ----------------------------------------------
+# --- parts and units: pairs of one prompt share it (--group_by_prefix) ----------------------------------------------
 
 
 @st.composite
@@ -412,7 +412,7 @@ def test_grouped_packed_sampler_keeps_each_unit_in_one_row(case, capacity, rows_
 @FAST
 @given(grouped_pairs(max_pairs=60), st.integers(2, 9), st.integers(1, 3), st.integers(0, 9))
 def test_grouped_batches_hold_whole_groups_of_at_most_the_batch_size(case, batch_size, processes, seed) -> None:
-    """Unpacked --group_by_prompt: a pair weighs 1, a "row" is a batch of up to ``batch_size`` pairs."""
+    """Unpacked --group_by_prefix: a pair weighs 1, a "row" is a batch of up to ``batch_size`` pairs."""
     keys, _ = case
     if len(keys) < processes:
         return
