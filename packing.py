@@ -353,7 +353,8 @@ def prompt_units(
     [[0, 3, 2], [1]]
     """
     if len(prompts) != len(lengths) or (prefixes is not None and len(prefixes) != len(lengths)):
-        raise ValueError(f"{len(prompts)} prompt keys for {len(lengths)} examples")
+        given = "" if prefixes is None else f" and {len(prefixes)} prefix keys"
+        raise ValueError(f"{len(prompts)} prompt keys{given} for {len(lengths)} examples")
     groups: dict[Hashable, list[int]] = {}
     for index, prompt in enumerate(prompts):
         groups.setdefault(prompt, []).append(index)
