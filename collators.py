@@ -94,7 +94,7 @@ from transformers import PretrainedConfig
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.reward_trainer import DataCollatorForPreference as RewardDataCollatorForPreference
 
-from packing import Size, next_fit
+from packing import Size, next_fit, row_tokens
 
 PADDING_SEQUENCE = -1
 RESPONSES = ("chosen_ids", "rejected_ids")
@@ -218,21 +218,43 @@ def prefix_tree_parts(examples: Sequence[Sequence[bytes]]) -> list[list[tuple[by
 MIN_SHARED_PREFIX = 64
 
 
+def prompt_row_key(prompt_ids: Sequence[int], min_shared_prefix: int = MIN_SHARED_PREFIX) -> tuple[int, ...]:
+    """Which unpacked row an example joins: examples whose keys are equal share one, as one tree. The collator lays
+    out batches by it (:func:`prompt_rows`) and ``--group_by_prefix`` gathers batches by it, so that what the sampler
+    puts together is what the collator merges."""
+    return tuple(prompt_ids[:min_shared_prefix])
+
+
 def prompt_rows(
-    examples: Sequence[dict[str, Sequence[int]]], min_shared_prefix: int = MIN_SHARED_PREFIX
+    examples: Sequence[dict[str, Sequence[int]]],
+    min_shared_prefix: int = MIN_SHARED_PREFIX,
+    max_row_tokens: int | None = None,
 ) -> list[list[int]]:
     """The unpacked layout of a batch: a row for each set of examples whose prompts start with the same
-    ``min_shared_prefix`` tokens (or are the same shorter prompt), in order of first appearance.
+    ``min_shared_prefix`` tokens (or are the same shorter prompt, :func:`prompt_row_key`), in order of first
+    appearance. An example that would take its key's row past ``max_row_tokens`` tree tokens starts a new row for
+    the key, which later examples of the key join.
 
     >>> prompt_rows([{"prompt_ids": [1, 2, 3]}, {"prompt_ids": [4]}, {"prompt_ids": [1, 2, 5]}], min_shared_prefix=2)
     [[0, 2], [1]]
     >>> prompt_rows([{"prompt_ids": [1, 2, 3]}, {"prompt_ids": [4]}, {"prompt_ids": [1, 2, 5]}, {"prompt_ids": [4]}])
     [[0], [1, 3], [2]]
+    >>> pairs = [{"prompt_ids": [1, 2, n], "chosen_ids": [7], "rejected_ids": [8]} for n in (3, 4, 5)]
+    >>> prompt_rows(pairs, min_shared_prefix=2, max_row_tokens=10)  # one pair takes 5 tokens, two 8, three 11
+    [[0, 1], [2]]
     """
-    rows: dict[tuple[int, ...], list[int]] = {}
+    # Parts cut at the tree of the whole batch, so that any subset's distinct parts add up to its tree tokens.
+    sizes = None if max_row_tokens is None else layout_sizes(examples)
+    rows: list[list[int]] = []
+    open_row: dict[tuple[int, ...], list[int]] = {}
     for index, example in enumerate(examples):
-        rows.setdefault(tuple(example["prompt_ids"][:min_shared_prefix]), []).append(index)
-    return list(rows.values())
+        key = prompt_row_key(example["prompt_ids"], min_shared_prefix)
+        row = open_row.get(key)
+        if row is None or (sizes is not None and row_tokens([sizes[i] for i in (*row, index)]) > max_row_tokens):
+            row = open_row[key] = []
+            rows.append(row)
+        row.append(index)
+    return rows
 
 
 def common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
@@ -511,6 +533,7 @@ class SharedLayoutCollator:
     baseline). ``batch_rows`` is the loader's rows per batch, which a packed batch never exceeds. ``static_rows`` (for
     compiled attention) pads every layout to that many rows, so that a short last batch compiles to no new shape; an
     unpacked batch whose pairs share rows is padded to a power of two of its rows instead (at most ``batch_rows``).
+    ``max_row_tokens`` caps the tree tokens of an unpacked row that several examples share (:func:`prompt_rows`).
     Examples must already fit ``max_length``.
     """
 
@@ -521,6 +544,10 @@ class SharedLayoutCollator:
     batch_rows: int | None = None
     static_rows: bool = False
     min_shared_prefix: int = MIN_SHARED_PREFIX
+    # The trainer sets it to the most tree tokens one example may take under `max_length`: a merged row is then never
+    # longer than a row that pairwise sharing may already need, so merging never makes a longer tensor than the
+    # config allows (a dense mask is quadratic in the row length), whatever the batch size. None: rows are unbounded.
+    max_row_tokens: int | None = None
 
     def layout_rows(self, examples: Sequence[dict[str, Sequence[int]]]) -> list[list[int]]:
         """The rows ``examples`` take (lists of their indices), before any padding rows."""
@@ -531,7 +558,7 @@ class SharedLayoutCollator:
             return next_fit(sizes, self.packing_length, prompts, self.batch_rows)
         if not grouped:
             return [[index] for index in range(len(examples))]
-        return prompt_rows(examples, self.min_shared_prefix)
+        return prompt_rows(examples, self.min_shared_prefix, self.max_row_tokens)
 
     def shared_inputs(
         self, examples: Sequence[dict[str, Sequence[int]]], score: Score, standard_width: int | None = None

@@ -4,8 +4,8 @@ Each example has a known token length (computed elsewhere), or is given as its *
 as the runs of tokens its sequences hold, where parts with the same key are laid out once per row (sequences of a row
 that start alike share their common prefix, see ``collators.layout_sizes``). :func:`pack_rows` bin-packs examples into
 rows, :class:`PackedBatchSampler` turns an epoch's packing into batches of ``rows_per_batch`` rows, and the collator
-splits a batch back into rows with :func:`next_fit`. :func:`prompt_units` keeps the pairs of one prompt together
-(``--group_by_prompt``).
+splits a batch back into rows with :func:`next_fit`. :func:`prompt_units` keeps the pairs of one prompt together,
+and unpacked also the prompts that share a long prefix (``--group_by_prefix``).
 
 The sampler is not rank-aware: accelerate's ``BatchSamplerShard`` deals
 batch ``i`` to process ``i % num_processes``, so the sampler only has to yield a multiple of ``num_processes`` batches
@@ -327,7 +327,12 @@ def _fill_rows(parts: list[dict[Hashable, int]], capacity: int, runs: list[list[
     return rows
 
 
-def prompt_units(prompts: Sequence[Hashable], lengths: Sequence[Size], capacity: int) -> list[list[int]]:
+def prompt_units(
+    prompts: Sequence[Hashable],
+    lengths: Sequence[Size],
+    capacity: int,
+    prefixes: Sequence[Hashable] | None = None,
+) -> list[list[int]]:
     """The pairs of each prompt, as units a batch sampler keeps together; a group that does not fit is split.
 
     ``prompts[i]`` identifies example ``i``'s prompt (equal for equal prompt tokens). Groups come in order of their
@@ -337,18 +342,38 @@ def prompt_units(prompts: Sequence[Hashable], lengths: Sequence[Size], capacity:
     parts, so that a chunk's prompt counts once), or in pairs for unpacked batches (every size 1, ``capacity`` the
     batch size).
 
+    ``prefixes`` (a key per example, equal for equal prompts: ``collators.prompt_row_key``) then gathers the units of
+    one key into larger ones: best fit decreasing packs them into as few units as fit ``capacity``, each holding
+    whole units in order of their first pair. Unpacked, the collator lays out the examples of a batch that share a
+    key as one tree, so a gathered unit runs its common prefix (a long system prompt) once.
+
     >>> prompt_units(["a", "b", "a", "a"], [1, 1, 1, 1], capacity=2)
     [[0, 2], [3], [1]]
+    >>> prompt_units(["a", "b", "c", "a"], [1, 1, 1, 1], capacity=3, prefixes=["s", "t", "s", "s"])
+    [[0, 3, 2], [1]]
     """
-    if len(prompts) != len(lengths):
-        raise ValueError(f"{len(prompts)} prompt keys for {len(lengths)} examples")
+    if len(prompts) != len(lengths) or (prefixes is not None and len(prefixes) != len(lengths)):
+        given = "" if prefixes is None else f" and {len(prefixes)} prefix keys"
+        raise ValueError(f"{len(prompts)} prompt keys{given} for {len(lengths)} examples")
     groups: dict[Hashable, list[int]] = {}
     for index, prompt in enumerate(prompts):
         groups.setdefault(prompt, []).append(index)
     units: list[list[int]] = []
     for members in groups.values():
         units += [[members[p] for p in chunk] for chunk in next_fit([lengths[i] for i in members], capacity)]
-    return units
+    if prefixes is None:
+        return units
+    by_prefix: dict[Hashable, list[list[int]]] = {}
+    for unit in units:
+        by_prefix.setdefault(prefixes[unit[0]], []).append(unit)
+    gathered: list[list[int]] = []
+    for members in by_prefix.values():
+        sizes = [[size for i in unit for size in _parts(lengths[i], i).items()] for unit in members]
+        parts = _shared_parts(sizes)
+        tokens = [row_tokens([size]) for size in sizes]
+        for row in _planned_rows(range(len(members)), tokens, capacity, parts):
+            gathered.append([index for unit in sorted(row) for index in members[unit]])
+    return gathered
 
 
 def packing_statistics(
@@ -454,8 +479,9 @@ class PackedBatchSampler(Sampler[list[int]]):
     ``i % num_processes``). ``len(self)`` is fixed at construction and is a multiple of ``num_processes``.
 
     ``lengths`` gives each example's length, or its parts (see the module docstring). ``prompts`` (a key per example,
-    ``--group_by_prompt``) keeps the examples of one prompt together: they become units (:func:`prompt_units`, which
-    also says how a group larger than a row is split), and everything below that speaks of examples is done with
+    ``--group_by_prefix``) keeps the examples of one prompt together: they become units (:func:`prompt_units`, which
+    also says how a group larger than a row is split, and how ``prefixes`` gather the units whose prompts share a
+    prefix into larger ones), and everything below that speaks of examples is done with
     units, a unit's length being the tokens its examples take together in a row. Should the processes need more
     batches than there are units (40 groups that each fill a batch, on 3 processes, need 42 batches), the unit with
     the most examples is cut in two halves, in order, until there are enough; ``self.units`` holds the units used.
@@ -507,6 +533,7 @@ class PackedBatchSampler(Sampler[list[int]]):
         drop_last: bool = False,
         window_size: int = 4096,
         prompts: Sequence[Hashable] | None = None,
+        prefixes: Sequence[Hashable] | None = None,
     ) -> None:
         super().__init__()
         if rows_per_batch < 1 or num_processes < 1 or window_size < 1:
@@ -514,6 +541,8 @@ class PackedBatchSampler(Sampler[list[int]]):
                 f"rows_per_batch ({rows_per_batch}), num_processes ({num_processes}) and window_size ({window_size}) "
                 "must be positive"
             )
+        if prefixes is not None and prompts is None:
+            raise ValueError("prefixes gather the units of pairs of one prompt, so they need prompts")
         self.sizes = list(lengths)
         self.lengths = _checked_lengths([row_tokens([size]) for size in self.sizes], capacity)
         self.capacity = capacity
@@ -531,8 +560,10 @@ class PackedBatchSampler(Sampler[list[int]]):
         if self.prompts is None:
             self.units = [[index] for index in range(len(self.sizes))]
         else:
-            self.units = prompt_units(self.prompts, self.sizes, capacity)
-        self._unit_word = "example(s)" if prompts is None else "group(s) of pairs of one prompt"
+            self.units = prompt_units(self.prompts, self.sizes, capacity, prefixes)
+        self._unit_word = "example(s)"
+        if prompts is not None:
+            self._unit_word = f"group(s) of pairs {'of one prompt' if prefixes is None else 'sharing a prompt prefix'}"
         self.unit_lengths = [row_tokens([self.sizes[i] for i in unit]) for unit in self.units]
         self._example_parts = _shared_parts(self.sizes)
         self.unit_parts = self._parts_of(self.units)

@@ -165,6 +165,7 @@ class PrefixDPOTrainer(SharedLayoutTrainer, DPOTrainer):
 
     _tag_names = ["trl", "dpo", "prefix-sharing"]
     standard_tokens_metric = "tokens/standard_dpo"
+    shortest_shared_start = 1
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, *more_args, **kwargs):
         check_datasets_not_empty(*more_args, **kwargs)

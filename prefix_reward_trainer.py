@@ -88,7 +88,7 @@ class PrefixRewardTrainer(SharedLayoutTrainer, RewardTrainer):
     of ``preference_data.normalize_schema``, which also reads the Capybara schema). TRL's tokenized pairs carry no
     prompt, so the prompt of a pair is the common token prefix of its two sequences, and pairs linked by a shared
     sequence or an equal prefix (the pairs of one prompt, in all-pairs data) form one group with the prefix common to
-    all of them (``collators.split_common_prefixes``): ``--group_by_prompt`` batches such groups together.
+    all of them (``collators.split_common_prefixes``): ``--group_by_prefix`` batches such groups together.
     """
 
     _tag_names = ["trl", "reward-trainer", "prefix-sharing"]

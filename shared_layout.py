@@ -1,14 +1,14 @@
 """The trainer side of the shared layout, common to ``PrefixDPOTrainer`` and ``PrefixRewardTrainer``.
 
 * :class:`SharedLayoutArguments`: the flags both configs add to TRL's (``--prefix_sharing``, ``--enable_packing``,
-  ``--packing_length``, ``--group_by_prompt``, and the paper's bare ``--bf16``/``--output_dir``).
+  ``--packing_length``, ``--group_by_prefix``, and the paper's bare ``--bf16``/``--output_dir``).
 * :func:`shared_backbone`: runs a model's backbone once over a batch's shared layout (``collators.py``) under its
   attention mask, keeping only the hidden states at ``score_index`` (each distinct read once). Each trainer's forward
   puts its own head on them, TRL's fused LM head (DPO log-probs) or the sequence classifier's score head (rewards),
   and hands every standard read its result through ``score_inverse``.
 * :class:`SharedLayoutTrainer`: what both trainers add to TRL's: attention-backend checks, the standard-layout
   fallback of models with token mixers no mask governs, the packing length, the batch samplers (packed rows, groups of
-  one prompt), packed streams, dataloaders padded to a fixed row count, and token counters.
+  one prompt or prompt prefix), packed streams, dataloaders padded to a fixed row count, and token counters.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from collators import (
     attention_mask_for,
     attention_windows,
     layout_sizes,
+    prompt_row_key,
     unmasked_token_mixers,
     unsupported_backend_message,
 )
@@ -84,13 +85,18 @@ class SharedLayoutArguments:
             "examples at a time, holding at most twice as many."
         },
     )
-    group_by_prompt: bool = field(
+    group_by_prefix: bool = field(
         default=False,
         metadata={
             "help": "Put the pairs of one prompt in the same batch (with packing: the same row), so that they share "
-            "it. Batches hold whole groups; a group that does not fit one is split into consecutive chunks of its "
-            "pairs in dataset order, each as large as fits. Needs `prefix_sharing`."
+            "it; without packing, batches also gather pairs whose prompts start with the same long prefix (a system "
+            "prompt, a tool block), which the collator lays out as one tree. Batches hold whole groups of one "
+            "prompt; a group that does not fit one is split into consecutive chunks of its pairs in dataset order, "
+            "each as large as fits. Needs `prefix_sharing`."
         },
+    )
+    group_by_prompt: bool = field(
+        default=False, metadata={"help": "Deprecated: the old spelling of `group_by_prefix`, which it turns on."}
     )
     bf16: bool | None = field(
         default=None,
@@ -124,10 +130,11 @@ class SharedLayoutArguments:
             self.packing_length = parse_packing_length(self.packing_length)
             if self.packing_window < 1:
                 raise ValueError(f"--packing_window must be at least 1 example, got {self.packing_window}.")
-        if self.group_by_prompt and not self.prefix_sharing:
+        self.group_by_prefix = self.group_by_prefix or self.group_by_prompt
+        if self.group_by_prefix and not self.prefix_sharing:
             raise ValueError(
-                "--group_by_prompt batches the pairs of one prompt together so that they share it, which needs "
-                "--prefix_sharing."
+                "--group_by_prefix (or its old spelling --group_by_prompt) batches the pairs of one prompt together "
+                "so that they share it, which needs --prefix_sharing."
             )
 
 
@@ -282,6 +289,9 @@ class SharedLayoutTrainer:
 
     # The counter of what the standard path computes, beside `tokens/computed`.
     standard_tokens_metric = "tokens/standard"
+    # The start that an example's two sequences always share: none for a reward pair, whose sequences may differ from
+    # their first token; a DPO prompt holds at least one token (the first response token is predicted from it).
+    shortest_shared_start = 0
 
     def _start_shared_layout(self, models: Sequence[Any], args: TrainingArguments | None) -> None:
         self.tokens_computed = 0
@@ -322,7 +332,7 @@ class SharedLayoutTrainer:
 
     @property
     def groups(self) -> bool:
-        return bool(getattr(self.args, "group_by_prompt", False)) and self.standard_layout_reason is None
+        return bool(getattr(self.args, "group_by_prefix", False)) and self.standard_layout_reason is None
 
     def _keeps_standard_layout(self) -> bool:
         """True, with one warning, for a model whose token mixers no attention mask governs: it trains on TRL's
@@ -333,7 +343,7 @@ class SharedLayoutTrainer:
                 f"Model type '{self.model.config.model_type}' has {', '.join(repr(kind) for kind in mixers)} layers, "
                 "which mix tokens whatever the attention mask says (convolution, state-space or linear-attention "
                 "layers): in the shared or packed layout the chosen tokens would reach the rejected ones, and packed "
-                "examples each other. --prefix_sharing, --enable_packing and --group_by_prompt are off for this "
+                "examples each other. --prefix_sharing, --enable_packing and --group_by_prefix are off for this "
                 "model: it trains on TRL's standard layout, exactly, without their savings."
             )
             warnings.warn(self.standard_layout_reason, stacklevel=4)
@@ -381,7 +391,14 @@ class SharedLayoutTrainer:
             packing_length=packing_length,
             share_prompt=self.shares_prefix,
             static_rows=compiled,
+            max_row_tokens=self._longest_example_tokens(),
         )
+
+    def _longest_example_tokens(self) -> int | None:
+        """The most tree tokens one example may take under ``max_length`` (``None`` without it): its two sequences of
+        at most ``max_length`` tokens each, less the start they always share."""
+        max_length = self.args.max_length
+        return None if max_length is None else 2 * max_length - self.shortest_shared_start
 
     def _example_sizes(self, dataset: Dataset) -> list[Size]:
         """What each example takes in a row (see ``collators.layout_sizes``). Computed once per data set (by its
@@ -406,8 +423,8 @@ class SharedLayoutTrainer:
     def _check_mapped(self) -> None:
         if isinstance(self.train_dataset, IterableDataset):
             raise ValueError(
-                "--group_by_prompt plans each epoch's batches from every example's prompt, which a streamed dataset "
-                "does not give up front. Drop --dataset_streaming or --group_by_prompt."
+                "--group_by_prefix plans each epoch's batches from every example's prompt, which a streamed dataset "
+                "does not give up front. Drop --dataset_streaming or --group_by_prefix."
             )
 
     def _resolve_packing_length(self) -> int:
@@ -448,15 +465,21 @@ class SharedLayoutTrainer:
         """This process's batches: packed rows (``batch_size`` rows each), and/or whole groups of one prompt.
 
         Unpacked groups are planned as packed rows of pairs: every pair has size 1, a "row" is a batch of up to
-        ``batch_size`` pairs, so best fit fills batches with whole groups (see ``packing.prompt_units``).
+        ``batch_size`` pairs, so best fit fills batches with whole groups, and gathers the groups whose prompts share
+        the key by which the collator merges a batch's examples into one tree (see ``packing.prompt_units``). Packed,
+        best fit already puts examples that share parts, a long prefix among them, in one row.
         """
         if self.packs:
             sizes, capacity, rows_per_batch = self._example_sizes(dataset), self.args.packing_length, batch_size
         else:
             sizes, capacity, rows_per_batch = [1] * len(dataset), batch_size, 1
-        prompts = None
+        prompts = prefixes = None
         if self.groups:
-            prompts = [tuple(example["prompt_ids"]) for example in self._layout_examples(dataset)]
+            examples = self._layout_examples(dataset)
+            prompts = [tuple(example["prompt_ids"]) for example in examples]
+            if not self.packs:
+                shared = self.data_collator.min_shared_prefix
+                prefixes = [prompt_row_key(example["prompt_ids"], shared) for example in examples]
         batches = PackedBatchSampler(
             sizes,
             capacity,
@@ -466,6 +489,7 @@ class SharedLayoutTrainer:
             seed=self.args.seed,
             window_size=self.args.packing_window,
             prompts=prompts,
+            prefixes=prefixes,
         )
         return RankBatches(batches, self.args.world_size, self.args.process_index)
 

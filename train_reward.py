@@ -1,11 +1,14 @@
 """Reward-model training with prefix sharing, following TRL's `trl/scripts/reward.py`.
 
     accelerate launch --config_file configs/zero3.yaml train_reward.py --model_name_or_path ... --dataset_name ... \\
-        --attn_implementation flex_attention --prefix_sharing --group_by_prompt
+        --attn_implementation flex_attention --prefix_sharing --group_by_prefix
+
+`--group_by_prefix` batches the pairs of one prompt together, and the pairs whose prompts start with the same long
+prefix (a system prompt): a batch's pairs that share either run it once. `--group_by_prompt` is its old spelling.
 
 With no arguments at all it runs the embedded demo, offline, on whatever device there is: a tiny Llama-style model
 with a score head, trained on synthetic conversations that have 4 responses per prompt and all 6 pairs of them, with
-prefix sharing and `--group_by_prompt` (each prompt and each response runs once per batch).
+prefix sharing and `--group_by_prefix` (each prompt and each response runs once per batch).
 """
 
 import sys
@@ -18,7 +21,7 @@ from train_dpo import eval_split, load_preference_dataset, model_to_load
 
 DEMO_ARGS = [
     "--prefix_sharing",
-    "--group_by_prompt",
+    "--group_by_prefix",
     "--output_dir", "outputs/reward-demo",
     "--max_length", "1024",
     "--per_device_train_batch_size", "12",
@@ -62,7 +65,7 @@ def main(script_args: ScriptArguments, training_args: PrefixRewardConfig, model_
     trainer.accelerator.print(
         "\nSummary\n"
         f"  prefix sharing:                        {'on' if training_args.prefix_sharing else 'off'}"
-        f"{', grouped by prompt' if training_args.group_by_prompt else ''}\n"
+        f"{', grouped by prompt prefix' if training_args.group_by_prefix else ''}\n"
         f"  samples/s:                             {trainer.examples_trained / result.metrics['train_runtime']:.2f}\n"
         f"  tokens computed:                       {computed:,}\n"
         f"  tokens the standard reward model runs: {standard:,} ({1 - computed / max(standard, 1):.1%} saved)\n"

@@ -11,7 +11,7 @@ Prints the paper's Table 1 numbers, read as: overall = prompt + chosen + rejecte
 mean(chosen, rejected) tokens, both per example (medians over the dataset); the token-count bound of the prefix-sharing
 speedup (tokens standard DPO runs / tokens prefix sharing runs, padding excluded); the packing length that
 ``--packing_length auto`` would choose; and how many pairs share a prompt (the same prompt tokens), with the grouped
-bound: every prompt once and every distinct response of its pairs once, as ``--group_by_prompt`` runs them when a
+bound: every prompt once and every distinct response of its pairs once, as ``--group_by_prefix`` runs them when a
 prompt's pairs fit one batch (or packed row). Last, the prefix-tree bound (:func:`tree_statistics`): every run of
 tokens that several sequences of a row start with laid out once, counted exactly (distinct prefixes) on the rows that
 packing makes at ``--packing_length`` (default: the auto length), against pairwise sharing's tokens and rows.
@@ -271,7 +271,7 @@ def group_report(groups: dict[str, Any]) -> str:
             f"  pairs sharing their prompt:          {groups['pairs_sharing_a_prompt']:,} "
             f"({groups['pairs_sharing_a_prompt'] / groups['pairs']:.1%}), over "
             f"{groups['prompts_with_several_pairs']:,} prompts; {groups['distinct_responses']:,} distinct responses",
-            "  grouped bound (each prompt once, each distinct response once; --group_by_prompt):",
+            "  grouped bound (each prompt once, each distinct response once; --group_by_prefix):",
             f"    tokens grouped:                    {groups['tokens_grouped']:,}",
             f"    bound over standard DPO:           {groups['grouped_bound']:.3f}x",
             f"    bound over pairwise sharing:       {groups['grouped_over_pairwise']:.3f}x",

@@ -19,7 +19,9 @@ In this order:
    log-probs and evaluation; packed without sharing), each from a fresh dynamo;
 4. the quick benchmark: ``throughput.py`` on the Capybara, MetaMath and TLDR shapes, the five configurations of the
    paper's table, a Llama-3.2-1B-sized model in bf16, each configuration isolated (its compiled variants, warm-up
-   seconds and peak memory recorded).
+   seconds and peak memory recorded); after the first shape, the prefix-tree case: the ``system-prompt`` shape (tool
+   definitions on every prompt), prefix sharing (a row's sequences as one tree) against pairwise prefix sharing
+   (each pair alone, the paper's layout) and TRL's path, in the same run and on the same model.
 
 Each phase has a share of the budget; the report (markdown and JSON, with the date, the device and the command) is
 rewritten after every phase and every benchmark shape, so a run cut short keeps what it measured. On the H200 of
@@ -59,8 +61,8 @@ for path in (ROOT, ROOT / "tests"):  # the project's modules, and the exactness 
 
 import throughput  # noqa: E402
 from report import machine_description, markdown_table, median_speedup  # noqa: E402
-from shapes import SHAPES  # noqa: E402
-from timing import CONFIGS, ShapeRun, run_epoch  # noqa: E402
+from shapes import SHAPES, TREE_SHAPES  # noqa: E402
+from timing import CONFIGS, ShapeRun, TreeShapeRun, run_epoch  # noqa: E402
 
 # The paper's speedups on Capybara (8xH100, Mistral-7B) that the GPU run must reach.
 PAPER_OVER_FLEX = 1.54
@@ -73,6 +75,10 @@ SMOKE_CASES = ("llama", "packed, prefix sharing", "reward model, groups")
 # The smoke run's conversations: a tenth of the default lengths, so that its CPU forwards take seconds, not minutes.
 SHORT = {"prompt_words": (10, 60), "response_words": (3, 20), "turns": (1, 2)}
 ERROR_KEYS = ("loss", "chosen_logps", "rejected_logps", "rewards", "max_grad")
+# The benchmark's prefix-tree case: prefix sharing against pairwise prefix sharing on a tree shape (TRL's path is the
+# reference throughput.py's tables need). Unpacked only: each FlexAttention configuration costs a GPU compile.
+TREE_SHAPE = "system-prompt"
+TREE_CONFIGS = ("baseline", "pairwise", "sharing")
 
 
 class PhaseTimeout(BaseException):
@@ -398,17 +404,23 @@ def check_compiles(flex: bool, short: bool, scratch: Path, record: Callable[[dic
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def benchmark_argv(smoke: bool, output_dir: Path, tag: str) -> list[str]:
+def benchmark_argv(smoke: bool, output_dir: Path, tag: str, tree: bool = False) -> list[str]:
+    """``throughput.py``'s arguments for the paper's shapes, or (``tree``) for the prefix-tree case: the same model
+    and settings on :data:`TREE_SHAPE` with :data:`TREE_CONFIGS`."""
     if smoke:
-        # HH-RLHF, the shortest shape: a sixth of Capybara's lengths, whose rows cost a CPU minutes.
-        setup = ["--shapes", "hh-rlhf", "--model-size", "tiny", "--examples", "8", "--pool-size", "40"]
-        setup += ["--warmup-steps", "1"]
-        setup += ["--configs", "baseline", "sharing", "packing", "sharing+packing"]
+        # HH-RLHF, the shortest shape: a sixth of Capybara's lengths, whose rows cost a CPU minutes. The tree case's
+        # 4 examples (one batch) of about 1.6k tokens, most of them the tool block, take seconds.
+        shapes, examples = ["hh-rlhf"], "4" if tree else "8"
+        configs = ["baseline", "sharing", "packing", "sharing+packing"]
+        setup = ["--model-size", "tiny", "--pool-size", "40", "--warmup-steps", "1"]
     else:
-        setup = ["--shapes", "capybara", "metamath", "tldr", "--model-size", "llama-1b", "--examples", "80"]
-        setup += ["--configs", "baseline", "baseline-flex", "sharing", "packing", "sharing+packing"]
-        setup += ["--bf16", "--attn-implementation", "flex_attention", "--packing-factor", "4", "--warmup-steps", "3"]
-        setup += ["--gradient-checkpointing"]
+        shapes, examples = ["capybara", "metamath", "tldr"], "48" if tree else "80"
+        configs = ["baseline", "baseline-flex", "sharing", "packing", "sharing+packing"]
+        setup = ["--model-size", "llama-1b", "--bf16", "--attn-implementation", "flex_attention"]
+        setup += ["--packing-factor", "4", "--warmup-steps", "3", "--gradient-checkpointing"]
+    if tree:
+        shapes, configs = [TREE_SHAPE], list(TREE_CONFIGS)
+    setup += ["--shapes", *shapes, "--configs", *configs, "--examples", examples]
     return [*setup, "--isolate", "--repeats", "1", "--output-dir", str(output_dir), "--tag", tag]
 
 
@@ -467,7 +479,21 @@ def verdicts(report: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     ):
         speedup = median_speedup(capybara, key, over) if capybara else None
         rows.append((f"{label} >= {target}x (paper)", fmt(speedup), None if speedup is None else speedup >= target))
+    tree = next((r for r in (benchmark or {}).get("results", []) if r["shape"]["key"] == TREE_SHAPE), None)
+    speedup = median_speedup(tree, "sharing", "pairwise") if tree else None
+    rows.append(
+        (
+            "prefix trees over pairwise prefix sharing, tool block on every prompt: faster",
+            "-" if tree is None else f"{fmt(speedup)} ({tree_tokens(tree)} tokens computed)",
+            None if speedup is None else speedup > 1.0,
+        )
+    )
     return rows
+
+
+def tree_tokens(result: dict[str, Any]) -> str:
+    """The tokens the tree case's two layouts computed: pairwise / tree."""
+    return f"{result['work']['pairwise']['tokens']:,} / {result['work']['sharing']['tokens']:,}"
 
 
 def yes_no(passed: bool | None, error: str = "") -> str:
@@ -558,8 +584,10 @@ def render(report: dict[str, Any], path: Path) -> None:
         ]
     benchmark = phases.get("benchmark", {})
     if benchmark.get("payload"):
+        results = benchmark["payload"]["results"]
+        trees = [result for result in results if "trees" in result]
         rows = []
-        for result in benchmark["payload"]["results"]:
+        for result in (result for result in results if "trees" not in result):
             paper = result["shape"]["paper"]
             rows.append(
                 [
@@ -578,6 +606,20 @@ def render(report: dict[str, Any], path: Path) -> None:
             f"`{benchmark['command']}`; every table is in `{benchmark['tag']}.md`.",
             markdown_table(columns, rows),
         ]
+        if trees:
+            rows = [
+                [
+                    result["shape"]["name"],
+                    tree_tokens(result),
+                    fmt(median_speedup(result, "sharing", "pairwise")),
+                    fmt(median_speedup(result, "pairwise", "baseline")),
+                    fmt(median_speedup(result, "sharing", "baseline")),
+                ]
+                for result in trees
+            ]
+            columns = ["prefix-tree shape", "tokens computed: pairwise / tree>", "tree / pairwise>"]
+            columns += ["pairwise / TRL sdpa>", "tree / TRL sdpa>"]
+            sections += [f"Prefix trees, unpacked: `{benchmark['tree_command']}`.", markdown_table(columns, rows)]
     sections += [
         f"Phase {name} stopped: {phase['error']}"
         + (f" (stacks in `{phase['stacks']}`)" if phase.get("stacks") else "")
@@ -675,6 +717,8 @@ def main(argv: list[str] | None = None) -> None:
         tag = "gpu-throughput-smoke" if args.smoke else "gpu-throughput"
         bench_argv = benchmark_argv(args.smoke, args.output_dir, tag)
         bench_args = throughput.parse_args(bench_argv)
+        tree_argv = benchmark_argv(args.smoke, args.output_dir, tag, tree=True)
+        tree_args = throughput.parse_args(tree_argv)
 
         def first_packed_step(phase: dict) -> None:
             stacks = args.output_dir / f"{stem}-first-step-stacks.txt"
@@ -705,13 +749,20 @@ def main(argv: list[str] | None = None) -> None:
 
             tokenizer = load_tokenizer()
             dims = throughput.model_dims(bench_args, len(tokenizer))
-            phase.update(tag=tag, command=f"python benchmark/throughput.py {' '.join(bench_argv)}")
+            phase.update(
+                tag=tag,
+                command=f"python benchmark/throughput.py {' '.join(bench_argv)}",
+                tree_command=f"python benchmark/throughput.py {' '.join(tree_argv)}",
+            )
             bench_started = time.perf_counter()
             results: list[dict[str, Any]] = []
-            for key in bench_args.shapes:
-                shape_run = ShapeRun(SHAPES[key], tokenizer, bench_args, scratch, print)
+            cases = [(bench_args, ShapeRun, SHAPES[key]) for key in bench_args.shapes]
+            # The tree case second: one call's budget holds about one paper shape, whose speedups the verdicts read.
+            cases.insert(1, (tree_args, TreeShapeRun, TREE_SHAPES[TREE_SHAPE]))
+            for case_args, run_class, shape in cases:
+                shape_run = run_class(shape, tokenizer, case_args, scratch, print)
                 try:
-                    shape_run.run([CONFIGS[c] for c in bench_args.configs], bench_args.warmup_steps)
+                    shape_run.run([CONFIGS[c] for c in case_args.configs], case_args.warmup_steps)
                 finally:  # a shape cut short by the budget still reports the configurations it finished
                     if shape_run.runs:
                         results.append(shape_run.result())
@@ -724,7 +775,7 @@ def main(argv: list[str] | None = None) -> None:
                     save()
                 slowest = max(r["wall_seconds"] for r in results)
                 out_of_budget = budget is not None and time.perf_counter() + slowest > started + budget
-                if len(results) < len(bench_args.shapes) and out_of_budget:
+                if len(results) < len(cases) and out_of_budget:
                     phase["error"] = f"stopped after {len(results)} shape(s): the next would not fit the budget"
                     break
 

@@ -12,7 +12,7 @@ from the same weights, through ``trainer.train()``, one epoch each, repeats inte
 * ``standard``: ``prefix_sharing=False``, TRL's own path: every pair is two sequences.
 * ``pairwise``: prefix sharing as the paper does it, each pair alone (``group_prompts=False`` on the collator), in the
   same batches as ``grouped``.
-* ``grouped``: prefix sharing with ``--group_by_prompt``: each batch holds whole groups (batch size K(K-1)/2 pairs), a
+* ``grouped``: prefix sharing with ``--group_by_prefix``: each batch holds whole groups (batch size K(K-1)/2 pairs), a
   group runs as one ``prompt | response 1 | ... | response K`` document.
 
 For DPO (``PrefixDPOTrainer``, with a reference model) and for a reward model (``PrefixRewardTrainer``). The token
@@ -117,7 +117,7 @@ def make_trainer(kind: str, config: str, data, args: argparse.Namespace, output_
         disable_tqdm=True,
         dataloader_num_workers=0,
         prefix_sharing=config != "standard",
-        group_by_prompt=config != "standard",
+        group_by_prefix=config != "standard",
         seed=0,
     )
     with warnings.catch_warnings():

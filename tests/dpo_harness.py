@@ -93,10 +93,10 @@ def perturbed_copy(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -
     return copied
 
 
-def layout_flags(prefix_sharing: bool, packing_length: int | str | None, group_by_prompt: bool) -> dict[str, Any]:
+def layout_flags(prefix_sharing: bool, packing_length: int | str | None, group_by_prefix: bool) -> dict[str, Any]:
     """Our trainers' layout flags, as the harnesses take them."""
     packing = {} if packing_length is None else {"enable_packing": True, "packing_length": str(packing_length)}
-    return {"prefix_sharing": prefix_sharing, "group_by_prompt": group_by_prompt, **packing}
+    return {"prefix_sharing": prefix_sharing, "group_by_prefix": group_by_prefix, **packing}
 
 
 def build_pair(
@@ -128,14 +128,14 @@ def make_trainers(
     prefix_sharing: bool = True,
     packing_length: int | None = None,
     ours_attn_implementation: str | None = None,
-    group_by_prompt: bool = False,
+    group_by_prefix: bool = False,
     tokenizer=None,
     peft_config: PeftConfig | None = None,
     **config: Any,
 ) -> tuple[DPOTrainer, PrefixDPOTrainer]:
     """``reference``: "model" (an explicit reference model), "precompute" (precomputed reference log-probs) or
     "path" (the reference saved to a path that TRL loads it from: the policy is given as that path, and its weights
-    are then replaced by the policy's). ``packing_length`` packs our side, and ``group_by_prompt`` batches its pairs
+    are then replaced by the policy's). ``packing_length`` packs our side, and ``group_by_prefix`` batches its pairs
     by prompt; ``ours_attn_implementation`` gives our side another attention backend than TRL's (flex_attention on a
     GPU); flags TRL's config does not have go to our side only. ``peft_config`` trains the same adapters on both sides
     against the policy with its adapters disabled (no reference model). ``tokenizer`` defaults to the shipped one. The
@@ -177,7 +177,7 @@ def make_trainers(
             model=model, ref_model=ref, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
         )
 
-    flags = {**layout_flags(prefix_sharing, packing_length, group_by_prompt), **ours_only}
+    flags = {**layout_flags(prefix_sharing, packing_length, group_by_prefix), **ours_only}
     trl_trainer, ours = build_pair(
         ((DPOTrainer, DPOConfig), (PrefixDPOTrainer, PrefixDPOConfig)), common, flags, tmp_path, models
     )

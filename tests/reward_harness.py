@@ -62,7 +62,7 @@ def make_reward_trainers(
     attn_implementation: str = "sdpa",
     prefix_sharing: bool = True,
     packing_length: int | None = None,
-    group_by_prompt: bool = False,
+    group_by_prefix: bool = False,
     tokenizer=None,
     tmp_path=None,
     ours_attn_implementation: str | None = None,
@@ -75,7 +75,7 @@ def make_reward_trainers(
         report_to="none",
         bf16=False,
         gradient_checkpointing=False,
-        per_device_train_batch_size=len(dataset),
+        per_device_train_batch_size=config.pop("per_device_train_batch_size", None) or len(dataset),
         max_length=None,
         **config,
     )
@@ -89,7 +89,7 @@ def make_reward_trainers(
     return build_pair(
         ((RewardTrainer, RewardConfig), (PrefixRewardTrainer, PrefixRewardConfig)),
         common,
-        layout_flags(prefix_sharing, packing_length, group_by_prompt),
+        layout_flags(prefix_sharing, packing_length, group_by_prefix),
         tmp_path,
         models,
     )

@@ -109,6 +109,17 @@ def test_bare_flags_and_defaults():
         assert training_args.bf16 is False
 
 
+@pytest.mark.parametrize("flag", ["--group_by_prefix", "--group_by_prompt"])
+def test_group_by_prefix_and_its_old_spelling(flag):
+    """train_dpo.py and train_reward.py parse the flag; the old spelling turns the new one on."""
+    _, training_args, _ = parse(["--prefix_sharing", flag])
+    reward_parser = TrlParser((ScriptArguments, PrefixRewardConfig, ModelConfig))
+    _, reward_args, _ = reward_parser.parse_args_and_config(args=["--prefix_sharing", flag])
+    assert training_args.group_by_prefix and reward_args.group_by_prefix
+    _, default_args, _ = parse(["--prefix_sharing"])
+    assert not default_args.group_by_prefix
+
+
 def test_max_prompt_length_must_be_below_max_length():
     with pytest.raises(ValueError, match="--max_prompt_length"):
         parse(["--max_prompt_length", "512", "--max_length", "512"])
@@ -149,15 +160,15 @@ def test_config_file(tmp_path):
 
 def test_reward_embedded_demo(tmp_path, capsys):
     """`python train_reward.py` with no arguments runs its DEMO_ARGS: the embedded model with a score head, trained on
-    embedded data with 4 responses per prompt, prefix sharing and --group_by_prompt."""
+    embedded data with 4 responses per prompt, prefix sharing and --group_by_prefix."""
     parser = TrlParser((ScriptArguments, PrefixRewardConfig, ModelConfig))
     script_args, training_args, model_args = parser.parse_args_and_config(
         args=[*train_reward.DEMO_ARGS, "--output_dir", str(tmp_path), "--max_steps", "2", "--eval_strategy", "no"]
     )
-    assert training_args.prefix_sharing and training_args.group_by_prompt and model_args.model_name_or_path is None
+    assert training_args.prefix_sharing and training_args.group_by_prefix and model_args.model_name_or_path is None
     train_reward.main(script_args, training_args, model_args)
     summary = capsys.readouterr().out
-    assert "prefix sharing:                        on, grouped by prompt" in summary
+    assert "prefix sharing:                        on, grouped by prompt prefix" in summary
     assert "% saved" in summary
     assert (tmp_path / "model.safetensors").exists()
 
@@ -165,7 +176,8 @@ def test_reward_embedded_demo(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--group_by_prompt"], "--group_by_prompt batches the pairs of one prompt together.*--prefix_sharing"),
+        (["--group_by_prefix"], "--group_by_prefix .*batches the pairs of one prompt together.*--prefix_sharing"),
+        (["--group_by_prompt"], "--group_by_prefix .*--group_by_prompt.*--prefix_sharing"),
         (["--packing_length", "512"], "--packing_length is only used with --enable_packing"),
     ],
 )
@@ -174,13 +186,13 @@ def test_reward_flags_are_checked(argv, message):
         TrlParser((ScriptArguments, PrefixRewardConfig, ModelConfig)).parse_args_and_config(args=argv)
 
 
-def test_group_by_prompt_on_a_streamed_dataset_is_a_clear_error(tmp_path):
+def test_group_by_prefix_on_a_streamed_dataset_is_a_clear_error(tmp_path):
     from embedded import load_tokenizer, tiny_model
 
     args = PrefixDPOConfig(
-        output_dir=str(tmp_path), bf16=False, report_to="none", max_steps=1, prefix_sharing=True, group_by_prompt=True
+        output_dir=str(tmp_path), bf16=False, report_to="none", max_steps=1, prefix_sharing=True, group_by_prefix=True
     )
-    with pytest.raises(ValueError, match="--group_by_prompt plans each epoch's batches from every example's prompt"):
+    with pytest.raises(ValueError, match="--group_by_prefix plans each epoch's batches from every example's prompt"):
         PrefixDPOTrainer(
             model=tiny_model("llama"),
             ref_model=tiny_model("llama"),

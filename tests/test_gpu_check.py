@@ -45,12 +45,20 @@ def test_gpu_check_smoke_runs_every_phase(tmp_path):
     assert phases["bf16"]["result"]["passed"]
     modes = phases["compiles"]["modes"]
     assert len(modes) == 3 and all(mode["passed"] and mode["steps"] == gpu_check.SMOKE_COMPILE_STEPS for mode in modes)
-    runs = phases["benchmark"]["payload"]["results"][0]["runs"]
-    assert set(runs) == {"baseline", "sharing", "packing", "sharing+packing"}
+    paper, tree = phases["benchmark"]["payload"]["results"]
+    assert set(paper["runs"]) == {"baseline", "sharing", "packing", "sharing+packing"}
+    # The prefix-tree case, timed against pairwise prefix sharing: the tree computes fewer tokens.
+    assert tree["shape"]["key"] == gpu_check.TREE_SHAPE and set(tree["runs"]) == set(gpu_check.TREE_CONFIGS)
+    assert tree["work"]["sharing"]["tokens"] < tree["work"]["pairwise"]["tokens"]
     for name in ("gpu-check-smoke.md", "gpu-throughput-smoke.md", "gpu-throughput-smoke.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     markdown = (tmp_path / "gpu-check-smoke.md").read_text()
     assert "# GPU check" in markdown and "## 0. First packed step" in markdown and "cold" in markdown
+    assert "prefix trees over pairwise prefix sharing" in markdown and "Prefix trees, unpacked:" in markdown
+    assert (
+        "Prefix trees: prefix sharing (one tree per row) over pairwise"
+        in (tmp_path / "gpu-throughput-smoke.md").read_text()
+    )
 
 
 def test_compile_cache_is_cold_in_a_new_folder_and_warm_after(tmp_path, monkeypatch):

@@ -178,7 +178,7 @@ def test_comparison_fails_on_a_wrong_group_layout(mutation, monkeypatch):
         assert_same_step(ours_step, trl_step)
 
 
-# --- --group_by_prompt through the Trainer's own dataloader ----------------------------------------------------------
+# --- --group_by_prefix through the Trainer's own dataloader ----------------------------------------------------------
 
 
 def pairs_of(batch) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -190,7 +190,7 @@ def pairs_of(batch) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
-def test_group_by_prompt_batches_whole_groups_and_every_pair_once(packed, tmp_path):
+def test_group_by_prefix_batches_whole_groups_and_every_pair_once(packed, tmp_path):
     """Shuffled pairs of 4 prompts (6 pairs each, one group cut short): batches of up to 8 pairs (unpacked), or of one
     row as long as the largest group (packed), keep every group whole, and an epoch trains every pair once."""
     dataset = grouped_rows(num_prompts=4, responses=4).select(range(20)).shuffle(seed=3)
@@ -200,7 +200,7 @@ def test_group_by_prompt_batches_whole_groups_and_every_pair_once(packed, tmp_pa
     for example, size in zip(examples, layout_sizes(examples), strict=True):
         by_prompt.setdefault(tuple(example["prompt_ids"]), []).append(size)
     length = max(row_tokens(sizes) for sizes in by_prompt.values()) if packed else None
-    _, ours = make_trainers(dataset, tmp_path=tmp_path, packing_length=length, group_by_prompt=True)
+    _, ours = make_trainers(dataset, tmp_path=tmp_path, packing_length=length, group_by_prefix=True)
     ours.args.per_device_train_batch_size = ours._train_batch_size = 1 if packed else 8
     pairs = pairs_of(ours.data_collator(examples))
     group_of = {pair: tuple(e["prompt_ids"]) for e, pair in zip(examples, pairs, strict=True)}

@@ -42,7 +42,7 @@ def test_the_fallback_warns_once_naming_the_layer_kind(tmp_path):
     fallback = [str(w.message) for w in caught if "off for this model" in str(w.message)]
     assert len(fallback) == 1  # precompute and __init__ both set up the layout; the warning comes once
     assert "Model type 'lfm2' has 'conv' layers" in fallback[0]
-    assert "--prefix_sharing, --enable_packing and --group_by_prompt are off for this model" in fallback[0]
+    assert "--prefix_sharing, --enable_packing and --group_by_prefix are off for this model" in fallback[0]
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,14 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 import packing
-from collators import PrefixSharingCollator, layout_sizes, shared_sequence_length
+from collators import (
+    MIN_SHARED_PREFIX,
+    PrefixSharingCollator,
+    layout_sizes,
+    prompt_row_key,
+    prompt_rows,
+    shared_sequence_length,
+)
 from packing import (
     PackedBatchSampler,
     auto_packing_length,
@@ -303,7 +310,7 @@ def test_packing_statistics() -> None:
     assert packing_statistics([], capacity=10)["num_rows"] == 0
 
 
-# --- parts and units: pairs of one prompt share it (--group_by_prompt) ----------------------------------------------
+# --- parts and units: pairs of one prompt share it (--group_by_prefix) ----------------------------------------------
 
 
 @st.composite
@@ -405,7 +412,7 @@ def test_grouped_packed_sampler_keeps_each_unit_in_one_row(case, capacity, rows_
 @FAST
 @given(grouped_pairs(max_pairs=60), st.integers(2, 9), st.integers(1, 3), st.integers(0, 9))
 def test_grouped_batches_hold_whole_groups_of_at_most_the_batch_size(case, batch_size, processes, seed) -> None:
-    """Unpacked --group_by_prompt: a pair weighs 1, a "row" is a batch of up to ``batch_size`` pairs."""
+    """Unpacked --group_by_prefix: a pair weighs 1, a "row" is a batch of up to ``batch_size`` pairs."""
     keys, _ = case
     if len(keys) < processes:
         return
@@ -444,6 +451,81 @@ def test_accelerate_ranks_take_disjoint_whole_groups(num_processes: int) -> None
             # A group is whole, but for the two groups halved so that 40 groups make 42 batches (3 processes).
             halved = sum(keys.count(keys[i]) != sum(keys[j] == keys[i] for j in batch) for i in batch)
             assert halved in (0, 3, 6)
+
+
+# --- unpacked --group_by_prefix: batches gather prompts that share a long prefix, as the collator's rows do ---------
+
+
+def system_prompt_examples(seed: int = 0) -> list[dict[str, list[int]]]:
+    """Pairs behind three system prompts of ``MIN_SHARED_PREFIX`` tokens, each followed by distinct questions; the
+    third starts as the first but for its last token, so it shares a shorter prefix with it. Under the first, one
+    question is asked by three pairs. Shuffled."""
+    rng = random.Random(seed)
+    first = [rng.randrange(100, 200) for _ in range(MIN_SHARED_PREFIX)]
+    systems = [first, [rng.randrange(100, 200) for _ in range(MIN_SHARED_PREFIX)], [*first[:-1], 7]]
+    prompts = [[*system, 1000 + 10 * s + q] for s, system in enumerate(systems) for q in range(3)]
+    prompts += [[*first, 999]] * 3
+    examples = [{"prompt_ids": p, "chosen_ids": [2000 + i], "rejected_ids": [3000 + i]} for i, p in enumerate(prompts)]
+    rng.shuffle(examples)
+    return examples
+
+
+def test_unpacked_batches_gather_prompts_that_share_a_system_prompt() -> None:
+    """Pairs of distinct questions behind one system prompt share a batch, and so the collator's row: the sampler and
+    the collator key examples alike (``prompt_row_key``). The question that three pairs ask stays whole."""
+    examples = system_prompt_examples()
+    prompts = [tuple(example["prompt_ids"]) for example in examples]
+    prefixes = [prompt_row_key(example["prompt_ids"]) for example in examples]
+    assert len(set(prefixes)) == 3 and len(set(prompts)) == 10
+    repeated = {i for i, prompt in enumerate(prompts) if prompts.count(prompt) == 3}
+
+    def rows_per_epoch(sampler: PackedBatchSampler) -> int:
+        return sum(len(prompt_rows([examples[i] for i in batch])) for batch in sampler)
+
+    # (batch size, batches, rows): the first system prompt's 6 pairs fill two batches of 3 (its repeated question
+    # one of them) or one of 6; the other two prompts' 3 pairs each fill one batch of 3, or share one of 6.
+    for batch_size, num_batches, num_rows in ((3, 4, 4), (6, 2, 3)):
+        sampler = PackedBatchSampler([1] * len(examples), batch_size, prompts=prompts, prefixes=prefixes, seed=1)
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            batches = list(sampler)
+            assert sorted(i for batch in batches for i in batch) == list(range(len(examples))), "each pair once"
+            assert len(batches) == num_batches and all(len(batch) <= batch_size for batch in batches)
+            assert rows_per_epoch(sampler) == num_rows, "each system prompt in as few rows as its pairs need"
+            assert any(repeated <= set(batch) for batch in batches), "the three pairs of one question stay whole"
+        # Keyed by the whole prompt, as before, batches mix the system prompts.
+        alone = PackedBatchSampler([1] * len(examples), batch_size, prompts=prompts, seed=1)
+        assert rows_per_epoch(alone) > num_rows
+
+
+@FAST
+@given(grouped_pairs(max_pairs=60), st.integers(2, 9), st.integers(1, 3), st.integers(1, 4), st.integers(0, 9))
+def test_prefix_units_hold_whole_groups_and_every_pair_once(case, batch_size, processes, systems, seed) -> None:
+    """Prompts under a few shared prefixes: every pair once per epoch, batches of at most ``batch_size``, a group of
+    one prompt that fits a batch whole, and the pairs of a prefix that fit a batch in one batch."""
+    keys, _ = case
+    if len(keys) < processes:
+        return
+    prefixes = [key % systems for key in keys]
+    sampler = PackedBatchSampler(
+        [1] * len(keys), batch_size, num_processes=processes, seed=seed, prompts=keys, prefixes=prefixes
+    )
+    units = prompt_units(keys, [1] * len(keys), batch_size, prefixes)
+    assert all(len({prefixes[i] for i in unit}) == 1 for unit in units)
+    for epoch in (0, 1):
+        batches = sampler.batch_rows(epoch)
+        flat = [[i for row in batch for i in row] for batch in batches]
+        assert sorted(i for batch in flat for i in batch) == list(range(len(keys)))
+        assert all(1 <= len(batch) <= batch_size for batch in flat)
+        if sampler.units != units:
+            continue  # units were halved so that every process takes a batch
+        batch_of = {i: b for b, batch in enumerate(flat) for i in batch}
+        for key in set(keys):
+            if keys.count(key) <= batch_size:
+                assert len({batch_of[i] for i, k in enumerate(keys) if k == key}) == 1, "a group that fits is whole"
+        for prefix in set(prefixes):
+            if prefixes.count(prefix) <= batch_size:
+                assert len({batch_of[i] for i, p in enumerate(prefixes) if p == prefix}) == 1
 
 
 # --- prefix trees: a row's sequences share every common prefix (collators.layout_sizes) ------------------------------

@@ -85,10 +85,10 @@ def test_comparison_fails_when_a_response_sees_another(monkeypatch):
         assert_same_reward_step(ours_step, trl_step)
 
 
-def test_group_by_prompt_reward_training_loop(tmp_path):
+def test_group_by_prefix_reward_training_loop(tmp_path):
     """Through Trainer's own loader: shuffled pairs, batches of whole groups, every pair once; a short training run."""
     dataset = reward_rows(num_prompts=4).shuffle(seed=1)
-    _, ours = make_reward_trainers(dataset, tmp_path=tmp_path, group_by_prompt=True, max_steps=2, logging_steps=1)
+    _, ours = make_reward_trainers(dataset, tmp_path=tmp_path, group_by_prefix=True, max_steps=2, logging_steps=1)
     ours.args.per_device_train_batch_size = ours._train_batch_size = 6
     batches, pad = list(ours.get_train_dataloader()), ours.processing_class.pad_token_id
     assert [len(batch["input_ids"]) // 2 for batch in batches] == [6, 6]  # two whole groups of 3 pairs each

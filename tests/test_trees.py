@@ -543,3 +543,97 @@ def test_hand_drawn_reward_tree():
     step = compare_rewards(dataset, packing_length=16)
     assert len(step.batch["shared_inputs"]["input_ids"]) == 1
     assert step.metrics["tokens/computed"] == 11 and step.metrics["tokens/standard"] == 21
+
+
+# --- unpacked rows of several prompts: gathered by --group_by_prefix, capped by max_length -------------------------
+
+OTHER_SYSTEM = (
+    "You answer questions about the county's bus lines and their tickets. Give the line number and one stop, keep "
+    "to a single short sentence, be polite, and say so plainly when a timetable or a fare is not known to you."
+)
+QUESTIONS = [
+    ("Which line goes to the hospital?", "Line 4 stops at the main gate of the hospital.", "Take any line."),
+    ("Is there a night bus?", "Yes, line N1 runs hourly until two in the morning.", "No, never."),
+    ("Can I bring a bicycle?", "Only folded bicycles are allowed on board.", "Yes, any bicycle, any time."),
+    ("Where do I buy a ticket?", "From the driver, or at the machine by the station.", "Tickets are free."),
+]
+
+
+def system_prompt_rows() -> Dataset:
+    """Distinct questions behind two long system messages (each renders to more than ``MIN_SHARED_PREFIX`` tokens,
+    and they differ from their first words)."""
+    rows = [
+        {
+            "prompt": [{"role": "system", "content": system}, user(q)],
+            "chosen": [assistant(c)],
+            "rejected": [assistant(r)],
+        }
+        for system in (SYSTEM, OTHER_SYSTEM)
+        for q, c, r in QUESTIONS
+    ]
+    return Dataset.from_list(rows)
+
+
+def test_group_by_prefix_gathers_a_system_prompts_questions_and_matches_trl(tmp_path):
+    """Batches of 4 of the 8 pairs: by shared prefix, a batch holds one system prompt's 4 questions, one row and one
+    tree, where shuffled batches mix the two system prompts and run each of them once per row; each grouped step is
+    TRL's on the same pairs."""
+    batch = {"per_device_train_batch_size": 4, "seed": 3}
+    trl_trainer, grouped = make_trainers(system_prompt_rows(), tmp_path=tmp_path, group_by_prefix=True, **batch)
+    _, shuffled = make_trainers(system_prompt_rows(), tmp_path=tmp_path, **batch)
+    examples = list(grouped.train_dataset)
+    keys = [collators.prompt_row_key(example["prompt_ids"]) for example in examples]
+    assert len(set(keys)) == 2 and len({tuple(example["prompt_ids"]) for example in examples}) == len(examples)
+    computed = 0
+    for indices in grouped.get_train_dataloader().batch_sampler:
+        assert len({keys[i] for i in indices}) == 1 and len(indices) == 4
+        step = train_step(grouped, examples=[examples[i] for i in indices])
+        assert len(step.batch["shared_inputs"]["input_ids"]) == 1
+        computed += step.metrics["tokens/computed"]
+        assert_same_step(step, train_step(trl_trainer, examples=[trl_trainer.train_dataset[i] for i in indices]))
+    assert computed == sum(
+        tree_tokens(sequences_of(examples, [i for i, key in enumerate(keys) if key == prefix])) for prefix in set(keys)
+    )
+    mixed = sum(int((batch["shared_inputs"]["sequence_ids"] >= 0).sum()) for batch in shuffled.get_train_dataloader())
+    block = common_prefix_length(examples[0]["prompt_ids"], examples[1]["prompt_ids"])
+    assert mixed >= computed + block, "shuffled, some batch runs a system prompt twice"
+
+
+def test_reward_group_by_prefix_gathers_a_system_prompts_questions(tmp_path):
+    """The reward trainer's prompt is a pair's common prefix: its batches gather by the same key."""
+    dataset = Dataset.from_list(
+        [
+            {"chosen": [*r["prompt"], *r["chosen"]], "rejected": [*r["prompt"], *r["rejected"]]}
+            for r in system_prompt_rows()
+        ]
+    )
+    _, ours = make_reward_trainers(dataset, tmp_path=tmp_path, group_by_prefix=True, per_device_train_batch_size=4)
+    batches = list(ours.get_train_dataloader())
+    assert len(batches) == 2 and all(len(batch["shared_inputs"]["input_ids"]) == 1 for batch in batches)
+
+
+def test_a_merged_row_holds_at_most_what_one_pair_may_take(tmp_path):
+    """With ``max_length`` the longest example (nothing is cut), a row holds at most the tree tokens one pair may take,
+    ``2 max_length - 1`` (a DPO prompt holds a token at least): each system prompt's questions take two rows, each
+    a tree read at its own prefixes, and the step is TRL's."""
+    _, probe = make_trainers(system_prompt_rows())
+    examples = list(probe.train_dataset)
+    longest = max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples)
+    trl_trainer, ours = make_trainers(system_prompt_rows(), max_length=longest)
+    cap = ours.data_collator.max_row_tokens
+    assert cap == 2 * longest - 1 and list(ours.train_dataset) == examples
+    rows = ours.data_collator.layout_rows(examples)
+    unbounded = prompt_rows(examples)
+    assert max(tree_tokens(sequences_of(examples, row)) for row in unbounded) > cap, "the merge would pass the cap"
+    assert len(rows) > len(unbounded) and all(tree_tokens(sequences_of(examples, row)) <= cap for row in rows)
+    # Greedy in order: a row of a key is full when its key's next example would not fit it.
+    for row, following in itertools.pairwise(rows):
+        if collators.prompt_row_key(examples[row[0]]["prompt_ids"]) == collators.prompt_row_key(
+            examples[following[0]]["prompt_ids"]
+        ):
+            assert tree_tokens(sequences_of(examples, [*row, following[0]])) > cap
+    step = train_step(ours)
+    assert step.metrics["tokens/computed"] == sum(tree_tokens(sequences_of(examples, row)) for row in rows)
+    assert_reads_their_prefixes(examples, step.batch["shared_inputs"], "next_token")
+    assert_every_prefix_runs_once(examples, rows, step.batch["shared_inputs"])
+    assert_same_step(step, train_step(trl_trainer))
