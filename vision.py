@@ -127,6 +127,17 @@ def process_vision_example(
     the calls TRL's ``DataCollatorForVisionPreference`` makes, once for the prompt and its images, and truncates it as
     TRL does: each sequence to its first ``max_length`` tokens, which must leave the prompt whole (``row`` names the
     example in errors)."""
+    try:
+        return _process(processor, example, image_token_id, row, max_length)
+    except (ValueError, TypeError) as error:
+        if str(error).startswith(f"Example {row}:"):
+            raise
+        raise ValueError(f"Example {row}: {error}") from error
+
+
+def _process(
+    processor: ProcessorMixin, example: dict[str, Any], image_token_id: int, row: int, max_length: int | None
+) -> VisionExample:
     images = example_images(example)
     if is_conversational(example):
         messages = {

@@ -11,20 +11,16 @@ import warnings
 from typing import Any
 
 import pytest
-import torch
 from datasets import Dataset
 from dpo_harness import (
-    StepResult,
     assert_same_step,
     flex_forward_errors,
     perturbed_copy,
-    relative_error,
     train_step,
 )
 from trl import DPOConfig, DPOTrainer
 from vision_models import FAMILIES, build, images
 
-import collators
 from prefix_dpo_trainer import PrefixDPOConfig, PrefixDPOTrainer
 
 
@@ -38,7 +34,12 @@ def vision_rows(seed: int = 0) -> Dataset:
     first, second, third, fourth, fifth = images(5, seed)
     rows = [
         ([first], "What is in this picture?", "A small red house by a lake.", "A dog."),
-        ([second], "Describe the colours you see, from the top of the picture to the bottom.", "Blue, then green.", "Red."),
+        (
+            [second],
+            "Describe the colours you see, from the top of the picture to the bottom.",
+            "Blue, then green.",
+            "Red.",
+        ),
         ([first], "What is in this picture?", "A house.", "A tall grey tower on a hill, in the rain."),
         ([third, fourth], "How do these two differ?", "The first is darker.", "They are the same picture."),
         ([], "Name a colour that is not in the rainbow.", "Brown.", "Blue, which is in it."),
@@ -94,7 +95,7 @@ def make_vision_trainers(
 LAYOUTS = {
     "unpacked": {},
     "packed": {"enable_packing": True, "packing_length": "1024"},
-    "grouped": {"group_by_prompt": True},
+    "grouped": {"group_by_prefix": True},
 }
 
 
@@ -112,9 +113,7 @@ def tower_pixels(trainer: DPOTrainer) -> int:
     """Pixel values that reach the vision tower in one training step (forward hook on the tower)."""
     seen = []
     model = trainer.model
-    tower = next(
-        module for name, module in model.named_modules() if name.endswith(("vision_tower", "visual"))
-    )
+    tower = next(module for name, module in model.named_modules() if name.endswith(("vision_tower", "visual")))
     handle = tower.register_forward_hook(lambda module, args, output: seen.append(args[0].numel()))
     try:
         train_step(trainer)
@@ -148,3 +147,58 @@ def test_a_merge_of_different_images_is_caught(family: str, monkeypatch: pytest.
     ours_step, trl_step = train_step(ours), train_step(trl_trainer)
     with pytest.raises(AssertionError):
         assert_same_step(ours_step, trl_step)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eager_additive_mask_is_exact(family: str) -> None:
+    """Eager attention adds the mask to the scores: the shared layout's mask as an additive float one."""
+    trl_trainer, ours = make_vision_trainers(family, vision_rows(), attn_implementation="eager", **LAYOUTS["packed"])
+    assert_same_step(train_step(ours), train_step(trl_trainer))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flex_forward_is_exact(family: str, fresh_compiler) -> None:
+    """FlexAttention has no backward on CPU: its BlockMask is checked on the forward, the sequence log-probs."""
+    trl_trainer, ours = make_vision_trainers(family, vision_rows(), **LAYOUTS["packed"])
+    chosen_error, rejected_error = flex_forward_errors(trl_trainer, ours)
+    assert chosen_error <= 1e-5 and rejected_error <= 1e-5, (chosen_error, rejected_error)
+
+
+def test_prompt_that_fills_max_length_is_an_error_naming_the_row() -> None:
+    """TRL would cut such a prompt, and an image in it, and train on no response token; the collator names the row."""
+    trl_trainer, ours = make_vision_trainers(FAMILIES[0], vision_rows(), max_length=12)
+    examples = [ours.train_dataset[i] for i in range(len(ours.train_dataset))]
+    with pytest.raises(ValueError, match=r"Example 0: its prompt takes \d+ tokens \(images included\), not fewer"):
+        ours.data_collator(examples)
+
+
+def test_responses_are_cut_as_trl_cuts_them() -> None:
+    """``max_length`` between the longest prompt and the longest sequence: TRL keeps each sequence's first
+    ``max_length`` tokens, and so does the shared layout."""
+    dataset = vision_rows()
+    _, ours = make_vision_trainers(FAMILIES[0], dataset)
+    from vision import process_vision_example
+
+    token_id = ours.model.config.image_token_id
+    lengths = [process_vision_example(ours.processing_class, row, token_id, 0, None) for row in dataset]
+    longest_prompt = max(len(example.prompt_ids) for example in lengths)
+    trl_trainer, ours = make_vision_trainers(FAMILIES[0], dataset, max_length=longest_prompt + 2)
+    assert_same_step(train_step(ours), train_step(trl_trainer))
+
+
+def test_image_in_a_response_is_an_error_naming_the_row() -> None:
+    dataset = vision_rows()
+    rows = [dataset[i] for i in range(len(dataset))]
+    rows[1]["chosen"] = [message("assistant", "Like this one:", 1)]
+    _, ours = make_vision_trainers(FAMILIES[0], dataset)
+    with pytest.raises(ValueError, match="Example 1"):
+        ours.data_collator(rows)
+
+
+def test_more_placeholders_than_images_is_an_error() -> None:
+    dataset = vision_rows()
+    rows = [dataset[i] for i in range(len(dataset))]
+    rows[3]["images"] = rows[3]["images"][:1]
+    _, ours = make_vision_trainers(FAMILIES[0], vision_rows())
+    with pytest.raises(ValueError, match="image"):
+        ours.data_collator(rows)
