@@ -34,6 +34,7 @@ from shared_layout import SharedLayoutArguments, SharedLayoutTrainer, check_shar
 from vision import (
     PrefixSharingVisionCollator,
     multimodal_positions,
+    unknown_vision_layout,
     vision_collator_fields,
     vision_layout_examples,
 )
@@ -187,6 +188,10 @@ class PrefixDPOTrainer(SharedLayoutTrainer, DPOTrainer):
             self._replace_collator(DataCollatorForVisionPreference, PrefixSharingVisionCollator, **more)
         else:
             self._replace_collator(DataCollatorForPreference, PrefixSharingCollator)
+
+    def _why_standard_layout(self) -> str | None:
+        unknown = unknown_vision_layout(self.model) if self._is_vision_dataset else None
+        return super()._why_standard_layout() or unknown
 
     def _layout_examples(self, dataset) -> list[dict[str, Sequence[int]]]:
         if self._is_vision_dataset:

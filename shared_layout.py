@@ -335,19 +335,29 @@ class SharedLayoutTrainer:
         return bool(getattr(self.args, "group_by_prefix", False)) and self.standard_layout_reason is None
 
     def _keeps_standard_layout(self) -> bool:
-        """True, with one warning, for a model whose token mixers no attention mask governs: it trains on TRL's
-        standard layout, exactly, and without the flags' savings."""
+        """True, with one warning, for a model the shared layout cannot run exactly (``_why_standard_layout``): it
+        trains on TRL's standard layout, exactly, and without the flags' savings."""
+        if self.standard_layout_reason is None:
+            reason = self._why_standard_layout()
+            if reason is not None:
+                self.standard_layout_reason = (
+                    f"{reason} --prefix_sharing, --enable_packing and --group_by_prefix are off for this model: it "
+                    "trains on TRL's standard layout, exactly, without their savings."
+                )
+                warnings.warn(self.standard_layout_reason, stacklevel=4)
+        return self.standard_layout_reason is not None
+
+    def _why_standard_layout(self) -> str | None:
+        """Why the model cannot take the shared layout, or ``None``: here, token mixers that no mask governs."""
         mixers = unmasked_token_mixers(self.model)
-        if mixers and self.standard_layout_reason is None:
-            self.standard_layout_reason = (
-                f"Model type '{self.model.config.model_type}' has {', '.join(repr(kind) for kind in mixers)} layers, "
-                "which mix tokens whatever the attention mask says (convolution, state-space or linear-attention "
-                "layers): in the shared or packed layout the chosen tokens would reach the rejected ones, and packed "
-                "examples each other. --prefix_sharing, --enable_packing and --group_by_prefix are off for this "
-                "model: it trains on TRL's standard layout, exactly, without their savings."
-            )
-            warnings.warn(self.standard_layout_reason, stacklevel=4)
-        return bool(mixers)
+        if not mixers:
+            return None
+        return (
+            f"Model type '{self.model.config.model_type}' has {', '.join(repr(kind) for kind in mixers)} layers, "
+            "which mix tokens whatever the attention mask says (convolution, state-space or linear-attention "
+            "layers): in the shared or packed layout the chosen tokens would reach the rejected ones, and packed "
+            "examples each other."
+        )
 
     @staticmethod
     def _check_attention_backend(models: Sequence[Any], args: TrainingArguments) -> None:

@@ -290,7 +290,8 @@ def multimodal_positions(
 
 
 # Vision-language model types whose layout this module builds: how each attends within an image, and whether its
-# rotary positions are multimodal. Others are refused rather than risk a silently wrong mask or position.
+# rotary positions are multimodal. Others train on TRL's standard layout rather than risk a wrong mask or position
+# (Gemma 4, for one, attends within images both ways in its sliding layers only, and shares keys across layers).
 VISION_MODEL_TYPES = {
     # model_type: (image tokens see each other both ways, multimodal rotary positions from `get_rope_index`)
     "gemma3": (True, False),
@@ -302,18 +303,20 @@ VISION_MODEL_TYPES = {
 }
 
 
-def vision_collator_fields(model: PreTrainedModel, tokenizer) -> dict[str, Any]:
-    """What :class:`PrefixSharingVisionCollator` needs to know about ``model``; raises for a model type it does not
-    know."""
+def unknown_vision_layout(model: PreTrainedModel) -> str | None:
+    """Why ``model`` cannot take the shared layout on vision data, or ``None`` for a model type it knows."""
     model_type = model.config.model_type
-    if model_type not in VISION_MODEL_TYPES:
-        raise ValueError(
-            f"--prefix_sharing and --enable_packing on vision data support the model types "
-            f"{', '.join(sorted(VISION_MODEL_TYPES))}; '{model_type}' is not one of them (how it attends within an "
-            "image and positions image tokens is not known here). Train it without --prefix_sharing and "
-            "--enable_packing."
-        )
-    bidirectional, rope = VISION_MODEL_TYPES[model_type]
+    if model_type in VISION_MODEL_TYPES:
+        return None
+    return (
+        f"Model type '{model_type}' on vision data: how it attends within an image and positions image tokens is not "
+        f"known to the shared layout, which knows {', '.join(sorted(VISION_MODEL_TYPES))}."
+    )
+
+
+def vision_collator_fields(model: PreTrainedModel, tokenizer) -> dict[str, Any]:
+    """What :class:`PrefixSharingVisionCollator` needs to know about ``model``, of a type it knows."""
+    bidirectional, rope = VISION_MODEL_TYPES[model.config.model_type]
     return {
         "pad_token_id": tokenizer.pad_token_id,
         "image_token_id": model.config.image_token_id,

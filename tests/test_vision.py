@@ -21,6 +21,7 @@ from dpo_harness import (
 from trl import DPOConfig, DPOTrainer
 from vision_models import FAMILIES, IMAGE_SIZES, build, images
 
+import vision
 from prefix_dpo_trainer import PrefixDPOConfig, PrefixDPOTrainer
 
 
@@ -59,9 +60,15 @@ def vision_rows(seed: int = 0) -> Dataset:
 
 
 def make_vision_trainers(
-    family: str, dataset: Dataset, attn_implementation: str = "sdpa", max_length: int | None = None, **ours: Any
+    family: str,
+    dataset: Dataset,
+    attn_implementation: str = "sdpa",
+    max_length: int | None = None,
+    warn: bool = False,
+    **ours: Any,
 ) -> tuple[DPOTrainer, PrefixDPOTrainer]:
-    """TRL's trainer and ours on the same policy, reference (the policy with noise) and batch (the whole dataset)."""
+    """TRL's trainer and ours on the same policy, reference (the policy with noise) and batch (the whole dataset);
+    ``warn`` lets our trainer's warnings through."""
     policy, processor = build(family)
     policy.set_attn_implementation(attn_implementation)
     reference = perturbed_copy(policy)
@@ -79,7 +86,8 @@ def make_vision_trainers(
             **flags,
         )
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            if not (warn and trainer_cls is PrefixDPOTrainer):
+                warnings.simplefilter("ignore")
             trainers.append(
                 trainer_cls(
                     model=copy.deepcopy(policy),
@@ -227,3 +235,14 @@ def test_causal_image_tokens_are_caught() -> None:
     ours_step, trl_step = train_step(ours), train_step(trl_trainer)
     with pytest.raises(AssertionError):
         assert_same_step(ours_step, trl_step)
+
+
+def test_an_unknown_vision_model_type_trains_on_trls_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model type whose image attention and positions the layout does not know (Gemma 4, say; here LLaVA, made
+    unknown) keeps TRL's collator and forward, with one warning naming it, and is exact."""
+    monkeypatch.delitem(vision.VISION_MODEL_TYPES, "llava")
+    with pytest.warns(UserWarning, match="Model type 'llava' on vision data"):
+        trl_trainer, ours = make_vision_trainers("llava", vision_rows(), warn=True)
+    ours_step, trl_step = train_step(ours), train_step(trl_trainer)
+    assert "shared_inputs" not in ours_step.batch
+    assert_same_step(ours_step, trl_step)
