@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from datasets import Dataset
 from dpo_harness import (
+    CONTEXT_SENSITIVE_INIT,
     assert_same_step,
     flex_forward_errors,
     perturbed_copy,
@@ -69,7 +70,7 @@ def make_vision_trainers(
 ) -> tuple[DPOTrainer, PrefixDPOTrainer]:
     """TRL's trainer and ours on the same policy, reference (the policy with noise) and batch (the whole dataset);
     ``warn`` lets our trainer's warnings through."""
-    policy, processor = build(family)
+    policy, processor = build(family, initializer_range=CONTEXT_SENSITIVE_INIT)
     policy.set_attn_implementation(attn_implementation)
     reference = perturbed_copy(policy)
     trainers = []
