@@ -71,7 +71,7 @@ COMPILE_STEPS = 20
 # The smoke run's training steps per compile mode: the second step is the first that reuses what the first compiled.
 SMOKE_COMPILE_STEPS = 2
 # The smoke run's exactness cases: one per path of `check_exactness` (unpacked, packed, reward model).
-SMOKE_CASES = ("llama", "packed, prefix sharing", "reward model, groups")
+SMOKE_CASES = ("llama", "packed, prefix sharing", "reward model, groups", "vision: gemma 3, packed")
 # The smoke run's conversations: a tenth of the default lengths, so that its CPU forwards take seconds, not minutes.
 SHORT = {"prompt_words": (10, 60), "response_words": (3, 20), "turns": (1, 2)}
 ERROR_KEYS = ("loss", "chosen_logps", "rejected_logps", "rewards", "max_grad")
@@ -212,6 +212,10 @@ def exactness_cases(flex: bool, smoke: bool) -> list[tuple[str, dict[str, Any]]]
         ("groups: 4 responses per prompt, all pairs", {"data": "groups"}),
         ("groups, packed", {"data": "groups", "packed": True}),
         ("reward model, groups", {"data": "groups", "reward": True}),
+        # Vision data (tests/test_vision.py's batch): Gemma 3's bidirectional image blocks in the BlockMask, packed;
+        # Qwen2-VL's multimodal positions (transformers runs Qwen-VL on sdpa, not flex_attention).
+        ("vision: gemma 3, packed", {"vision": "gemma3", "packed": True}),
+        ("vision: qwen2-vl", {"vision": "qwen2_vl"}),
     ]
     return [case for case in cases if case[0] in SMOKE_CASES] if smoke else cases
 
@@ -222,6 +226,7 @@ def check_exactness(flex: bool, short: bool, scratch: Path, record: Callable[[di
     from reward_harness import assert_same_reward_step, make_reward_trainers, reward_rows, reward_step
     from test_groups import grouped_rows
     from test_packing import packing_length_for
+    from test_vision import LAYOUTS, make_vision_trainers, vision_rows
 
     datasets = {"conversational": conversational_rows(6, **(SHORT if short else {})), "groups": grouped_rows(2, 4)}
     for name, case in exactness_cases(flex, short):
@@ -230,7 +235,12 @@ def check_exactness(flex: bool, short: bool, scratch: Path, record: Callable[[di
         case.setdefault("ours_attn_implementation", "flex_attention" if flex else None)
         dataset = datasets[case.pop("data", "conversational")]
         reward = case.pop("reward", False)
-        if case.pop("packed", False):
+        vision = case.pop("vision", None)
+        if vision is not None:
+            case = {**LAYOUTS["packed" if case.pop("packed", False) else "unpacked"], **case}
+            if vision.startswith("qwen"):
+                case["ours_attn_implementation"] = None
+        elif case.pop("packed", False):
             case["packing_length"] = packing_length_for(dataset, case.get("prefix_sharing", True))
         started = time.perf_counter()
         entry: dict[str, Any] = {"case": name}
@@ -239,6 +249,9 @@ def check_exactness(flex: bool, short: bool, scratch: Path, record: Callable[[di
             if reward:
                 trl_trainer, ours = make_reward_trainers(reward_rows(), tmp_path=tmp_path, **case)
                 step = reward_step
+            elif vision is not None:
+                trl_trainer, ours = make_vision_trainers(vision, vision_rows(), **case)
+                step = train_step
             else:
                 trl_trainer, ours = make_trainers(dataset, tmp_path=tmp_path, **case)
                 step = train_step

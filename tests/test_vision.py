@@ -66,10 +66,12 @@ def make_vision_trainers(
     attn_implementation: str = "sdpa",
     max_length: int | None = None,
     warn: bool = False,
+    ours_attn_implementation: str | None = None,
     **ours: Any,
 ) -> tuple[DPOTrainer, PrefixDPOTrainer]:
     """TRL's trainer and ours on the same policy, reference (the policy with noise) and batch (the whole dataset);
-    ``warn`` lets our trainer's warnings through."""
+    ``warn`` lets our trainer's warnings through; ``ours_attn_implementation`` gives ours another attention backend
+    (flex_attention on a GPU)."""
     policy, processor = build(family, initializer_range=CONTEXT_SENSITIVE_INIT)
     policy.set_attn_implementation(attn_implementation)
     reference = perturbed_copy(policy)
@@ -86,13 +88,18 @@ def make_vision_trainers(
             max_length=max_length,
             **flags,
         )
+        model = copy.deepcopy(policy)
+        reference_copy = copy.deepcopy(reference)
+        if trainer_cls is PrefixDPOTrainer and ours_attn_implementation is not None:
+            model.set_attn_implementation(ours_attn_implementation)
+            reference_copy.set_attn_implementation(ours_attn_implementation)
         with warnings.catch_warnings():
             if not (warn and trainer_cls is PrefixDPOTrainer):
                 warnings.simplefilter("ignore")
             trainers.append(
                 trainer_cls(
-                    model=copy.deepcopy(policy),
-                    ref_model=copy.deepcopy(reference),
+                    model=model,
+                    ref_model=reference_copy,
                     args=args,
                     train_dataset=dataset,
                     processing_class=processor,
