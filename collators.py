@@ -26,7 +26,9 @@ depth), and every token carries its *subtree end*: the end of the span of the ro
 top-level node starts a document. A key is seen by a query iff it is not after the query and the query lies before
 the key's subtree end (and, for sliding-window layers, within the window in position space): a query sees exactly its
 ancestors and the tokens of its node before it, its standard context. One comparison per pair, and whole blocks of the
-mask decided from their extremes (``block_mask``). Two examples whose prompts start with a system prompt ``s0 s1``
+mask decided from their extremes (``block_mask``). The rule has one more term for models that attend both ways
+within an image (Gemma 3): each token is seen from its ``visible_from``, itself, or for an image token its image's
+first token, instead of from itself (``vision.py``). Two examples whose prompts start with a system prompt ``s0 s1``
 and then differ (``a0``, ``b0 b1``); the first one's chosen ``x0 x1`` and rejected ``x0 y1`` share their first token
 (``a0 x0`` is one node: nothing branches between them)::
 

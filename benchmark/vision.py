@@ -88,6 +88,7 @@ def build_trainer(config: str, policy, reference, processor, dataset, args: argp
         save_strategy="no",
         seed=args.seed,
         dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     if config == "trl":
         trainer_cls, config_args = DPOTrainer, DPOConfig(**common)
