@@ -7,6 +7,7 @@ different image (they may share only the text before the image). Each family's t
 """
 
 import copy
+import re
 import warnings
 from typing import Any
 
@@ -254,3 +255,24 @@ def test_an_unknown_vision_model_type_trains_on_trls_layout(monkeypatch: pytest.
     ours_step, trl_step = train_step(ours), train_step(trl_trainer)
     assert "shared_inputs" not in ours_step.batch
     assert_same_step(ours_step, trl_step)
+
+
+def test_cli_trains_a_vision_model_from_disk(tmp_path, capsys) -> None:
+    """`train_dpo.py --model_name_or_path <dir> --dataset_name <parquet> --prefix_sharing` on a saved LLaVA and a
+    vision dataset file: TRL loads the model and processor, the shared layout runs (tokens saved)."""
+    from test_cli import parse
+
+    import train_dpo
+
+    model, processor = build("llava")
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    vision_rows().to_parquet(tmp_path / "pairs.parquet")
+    argv = ["--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(tmp_path / "pairs.parquet")]
+    argv += ["--output_dir", str(tmp_path / "run"), "--prefix_sharing", "--max_steps", "1", "--eval_strategy", "no"]
+    argv += ["--per_device_train_batch_size", "3", "--attn_implementation", "sdpa", "--report_to", "none"]
+    train_dpo.main(*parse(argv))
+    summary = capsys.readouterr().out
+    assert "prefix sharing:                     on" in summary
+    saved = re.search(r"\((\d+\.\d)% saved\)", summary)
+    assert saved is not None and float(saved.group(1)) > 0, summary
