@@ -276,3 +276,19 @@ def test_cli_trains_a_vision_model_from_disk(tmp_path, capsys) -> None:
     assert "prefix sharing:                     on" in summary
     saved = re.search(r"\((\d+\.\d)% saved\)", summary)
     assert saved is not None and float(saved.group(1)) > 0, summary
+
+
+def test_standard_format_is_exact() -> None:
+    """TRL's standard (not conversational) vision format: the prompt's text holds the processor's image token."""
+    first, second = images(2, seed=2)
+    _, processor = build("llava")
+    token = processor.image_token
+    rows = [
+        {"images": [first], "prompt": f"{token} What is it?", "chosen": " A cat.", "rejected": " A dog on a mat."},
+        {"images": [first], "prompt": f"{token} What is it?", "chosen": " A cat, asleep.", "rejected": " Nothing."},
+        {"images": [second], "prompt": f"Two: {token} and", "chosen": " nothing else.", "rejected": " more."},
+    ]
+    trl_trainer, ours = make_vision_trainers("llava", Dataset.from_list(rows))
+    ours_step, trl_step = train_step(ours), train_step(trl_trainer)
+    assert "shared_inputs" in ours_step.batch
+    assert_same_step(ours_step, trl_step)
