@@ -9,6 +9,7 @@ different image (they may share only the text before the image). Each family's t
 import copy
 import re
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -292,3 +293,21 @@ def test_standard_format_is_exact() -> None:
     ours_step, trl_step = train_step(ours), train_step(trl_trainer)
     assert "shared_inputs" in ours_step.batch
     assert_same_step(ours_step, trl_step)
+
+
+def test_vision_benchmark_smoke(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmark/vision_shape.py end to end on a few small examples: the report is written, and the shared layouts
+    feed the vision tower half of what TRL's path does."""
+    import json
+    import runpy
+
+    benchmark = Path(__file__).resolve().parent.parent / "benchmark"
+    monkeypatch.syspath_prepend(str(benchmark))  # as when run as a script: its neighbours (report.py) import
+    main = runpy.run_path(str(benchmark / "vision_shape.py"))["main"]
+    small = ["--examples", "3", "--repeats", "1", "--hidden", "64", "--layers", "1", "--image-size", "32"]
+    main([*small, "--batch-size", "2", "--output", str(tmp_path / "vision")])
+    runs = json.loads((tmp_path / "vision.json").read_text())["runs"]
+    assert (tmp_path / "vision.md").exists()
+    for config in ("sharing", "sharing+packing"):
+        assert 2 * runs[config][0]["tower_rows"] == runs["trl"][0]["tower_rows"]
+        assert runs[config][0]["tokens"] < runs["trl"][0]["tokens"]
