@@ -17,7 +17,7 @@ appear in the flattened layout, which is the order in which the models put image
 placeholders. Models that attend within an image both ways (Gemma 3, by ``token_type_ids``) get each image's run as a
 bidirectional block of the mask (``visible_from``); models with multimodal rotary positions (Qwen2-VL, Qwen2.5-VL,
 Qwen3-VL) get each token the position the model computes for it in TRL's standard layout (``standard_index``, see
-``shared_layout.standard_positions``).
+:func:`multimodal_positions`).
 """
 
 import hashlib
@@ -68,9 +68,14 @@ def image_key(digest: int, index: int) -> int:
     return -(1 + (digest << INDEX_BITS) + index)
 
 
-def key_index(key: int) -> int:
-    """The index in its image of the token an image key names."""
+def key_index(key):
+    """The index in its image of the token an image key names (of each, for a tensor of keys)."""
     return (-key - 1) & ((1 << INDEX_BITS) - 1)
+
+
+def key_digest(key: int) -> int:
+    """The digest of the image an image key names."""
+    return (-key - 1) >> INDEX_BITS
 
 
 def example_images(example: dict[str, Any]) -> list:
@@ -156,6 +161,12 @@ def _process(
         add_special_tokens=False,  # as TRL: the chat template has the BOS already
     )
     prompt_ids = processed["input_ids"][0].tolist()
+    if max_length is not None and len(prompt_ids) >= max_length:
+        raise ValueError(
+            f"Example {row}: its prompt takes {len(prompt_ids)} tokens (images included), not fewer than --max_length "
+            f"{max_length}, so truncation would cut its responses away, or an image in two. Raise --max_length (or "
+            "set it to None)."
+        )
     responses = {}
     for column in ("chosen", "rejected"):
         ids = processor(text=[texts[column]], add_special_tokens=False)["input_ids"][0]
@@ -187,12 +198,6 @@ def _process(
         for index in range(image.tokens):
             keys[image_positions[offset + index]] = image_key(image.digest, index)
         offset += image.tokens
-    if max_length is not None and len(prompt_ids) >= max_length:
-        raise ValueError(
-            f"Example {row}: its prompt takes {len(prompt_ids)} tokens (images included), not fewer than --max_length "
-            f"{max_length}, so truncation would cut its responses away, or an image in two. Raise --max_length (or "
-            "set it to None)."
-        )
     room = None if max_length is None else max_length - len(prompt_ids)
     chosen, rejected = responses["chosen"][:room], responses["rejected"][:room]
     return VisionExample(prompt_ids, keys, chosen, rejected, processed_images, type_fields)
@@ -204,8 +209,8 @@ def _image_size(image) -> tuple[int, int]:
 
 
 def _stack(values: list[torch.Tensor]) -> torch.Tensor:
-    """Per-image tensors as one batch tensor: concatenated along patches for patch rows (``image_grid_thw``
-    models), else stacked, zero-padded where images take different numbers of crops (LLaVA-NeXT)."""
+    """Per-image tensors stacked into one batch tensor, zero-padded where images take different numbers of tiles
+    (LLaVA-NeXT's ``pixel_values``, whose model reads each image's tile count from ``image_sizes``)."""
     if not values[0].ndim or values[0].ndim == 1:
         return torch.stack(values)
     widest = max(value.shape[0] for value in values)
@@ -251,7 +256,7 @@ class PrefixSharingVisionCollator(PrefixSharingCollator):
             shared[name] = is_image.long()
         images = {image.digest: image for each in processed for image in each.images}
         # The images in the order of their first tokens in the flattened layout, the order the model fills them in.
-        ordered = [images[(-key - 1) >> INDEX_BITS] for key in keys[is_image].tolist() if key_index(key) == 0]
+        ordered = [images[key_digest(key)] for key in keys[is_image].tolist() if key_index(key) == 0]
         if ordered:
             patches = "image_grid_thw" in ordered[0].fields
             for name in ordered[0].fields:
@@ -263,9 +268,7 @@ class PrefixSharingVisionCollator(PrefixSharingCollator):
             shared["standard_image_grid_thw"] = torch.stack(grids + grids)
         if self.bidirectional_images:
             index = torch.arange(keys.shape[1]).expand_as(keys)
-            shared["visible_from"] = torch.where(
-                is_image, index - ((-keys - 1) & ((1 << INDEX_BITS) - 1)), shared["visible_from"]
-            )
+            shared["visible_from"] = torch.where(is_image, index - key_index(keys), shared["visible_from"])
         batch["shared_inputs"] = shared
         return batch
 
