@@ -115,7 +115,7 @@ FLEX_FAMILIES = tuple(family for family in FAMILIES if not family.startswith("qw
 
 LAYOUTS = {
     "unpacked": {},
-    "packed": {"enable_packing": True, "packing_length": "1024"},
+    "packed": {"enable_packing": True, "packing_length": "128"},  # two or three pairs a row
     "grouped": {"group_by_prefix": True},
 }
 
