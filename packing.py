@@ -345,27 +345,34 @@ def prompt_units(
     ``prefixes`` (a key per example, equal for equal prompts: ``collators.prompt_row_key``) then gathers the units of
     one key into larger ones: best fit decreasing packs them into as few units as fit ``capacity``, each holding
     whole units in order of their first pair. Unpacked, the collator lays out the examples of a batch that share a
-    key as one tree, so a gathered unit runs its common prefix (a long system prompt) once.
+    key as one tree, so a gathered unit runs its common prefix (a long system prompt) once. A shuffling
+    :class:`PackedBatchSampler` gathers the chunks of a key anew every epoch.
 
     >>> prompt_units(["a", "b", "a", "a"], [1, 1, 1, 1], capacity=2)
     [[0, 2], [3], [1]]
     >>> prompt_units(["a", "b", "c", "a"], [1, 1, 1, 1], capacity=3, prefixes=["s", "t", "s", "s"])
     [[0, 3, 2], [1]]
     """
-    if len(prompts) != len(lengths) or (prefixes is not None and len(prefixes) != len(lengths)):
-        given = "" if prefixes is None else f" and {len(prefixes)} prefix keys"
-        raise ValueError(f"{len(prompts)} prompt keys{given} for {len(lengths)} examples")
+    if len(prompts) != len(lengths):
+        raise ValueError(f"{len(prompts)} prompt keys for {len(lengths)} examples")
     groups: dict[Hashable, list[int]] = {}
     for index, prompt in enumerate(prompts):
         groups.setdefault(prompt, []).append(index)
     units: list[list[int]] = []
     for members in groups.values():
         units += [[members[p] for p in chunk] for chunk in next_fit([lengths[i] for i in members], capacity)]
-    if prefixes is None:
-        return units
+    return units if prefixes is None else _gathered(units, lengths, capacity, prefixes)
+
+
+def _gathered(
+    chunks: Sequence[list[int]], lengths: Sequence[Size], capacity: int, prefixes: Sequence[Hashable]
+) -> list[list[int]]:
+    """The chunks of each prefix key packed by best fit into units of at most ``capacity`` (:func:`prompt_units`)."""
+    if len(prefixes) != len(lengths):
+        raise ValueError(f"{len(prefixes)} prefix keys for {len(lengths)} examples")
     by_prefix: dict[Hashable, list[list[int]]] = {}
-    for unit in units:
-        by_prefix.setdefault(prefixes[unit[0]], []).append(unit)
+    for chunk in chunks:
+        by_prefix.setdefault(prefixes[chunk[0]], []).append(chunk)
     gathered: list[list[int]] = []
     for members in by_prefix.values():
         sizes = [[size for i in unit for size in _parts(lengths[i], i).items()] for unit in members]
@@ -374,6 +381,27 @@ def prompt_units(
         for row in _planned_rows(range(len(members)), tokens, capacity, parts):
             gathered.append([index for unit in sorted(row) for index in members[unit]])
     return gathered
+
+
+def _swap_classes(
+    chunks: Sequence[list[int]], lengths: Sequence[Size], prefixes: Sequence[Hashable]
+) -> list[list[list[int]]]:
+    """Chunks that can trade places in any packing: those of one prefix key whose pairs have the same sizes in order.
+
+    Best fit, in whichever order it takes the chunks, only ever looks at their sizes, so gathering the chunks of a key
+    after shuffling those of equal sizes gives the same units, each chunk's place taken by one of its class. Swapping
+    the chunks of a class in the fixed gathering is therefore the regathering of a shuffled epoch, and it leaves every
+    size, and so every count the sampler plans (units, rows, batches), as it was. Shuffling the chunks of a key freely
+    would not: the gathering keeps the better of longest first and the given order, and the given order's count
+    depends on it (capacity 8, chunks of 8, 2, 2, 4, 3, 2, 3 pairs: three units in that order, four in decreasing
+    order), while the batch count must hold for the whole run. Returns the classes of at least two chunks.
+    """
+    classes: dict[tuple[Hashable, tuple[Hashable, ...]], list[list[int]]] = {}
+    for chunk in chunks:
+        # Parts become tuples: a size given as a list of parts does not hash.
+        sizes = tuple(lengths[i] if isinstance(lengths[i], int) else tuple(map(tuple, lengths[i])) for i in chunk)
+        classes.setdefault((prefixes[chunk[0]], sizes), []).append(chunk)
+    return [members for members in classes.values() if len(members) > 1]
 
 
 def packing_statistics(
@@ -486,6 +514,9 @@ class PackedBatchSampler(Sampler[list[int]]):
     batches than there are units (40 groups that each fill a batch, on 3 processes, need 42 batches), the unit with
     the most examples is cut in two halves, in order, until there are enough; ``self.units`` holds the units used.
     A unit's examples are yielded one after the other, so that the collator's :func:`next_fit` keeps them in one row.
+    Shuffled, the gathering by ``prefixes`` changes every epoch: the chunks of one key whose pairs have the same sizes
+    trade places in ``self.units`` at random (:func:`_swap_classes`), which leaves every size, and so the plan below,
+    as it is.
 
     Every epoch (deterministic for ``seed + epoch``) the examples are shuffled, packed by best-fit decreasing within
     windows of ``window_size`` shuffled examples (so that which examples share a row changes from epoch to epoch),
@@ -557,10 +588,15 @@ class PackedBatchSampler(Sampler[list[int]]):
         # batches as incomplete and tops them up with repeated examples.
         self.sampler = _EpochRelay(self)
         self.prompts = None if prompts is None else list(prompts)
+        # Chunks of pairs that shuffled epochs trade places of (_swap_classes): none but with prefixes.
+        self._swaps: list[list[list[int]]] = []
         if self.prompts is None:
             self.units = [[index] for index in range(len(self.sizes))]
         else:
-            self.units = prompt_units(self.prompts, self.sizes, capacity, prefixes)
+            self.units = prompt_units(self.prompts, self.sizes, capacity)
+            if prefixes is not None:
+                self._swaps = _swap_classes(self.units, self.sizes, prefixes)
+                self.units = _gathered(self.units, self.sizes, capacity, prefixes)
         self._unit_word = "example(s)"
         if prompts is not None:
             self._unit_word = f"group(s) of pairs {'of one prompt' if prefixes is None else 'sharing a prompt prefix'}"
@@ -643,8 +679,11 @@ class PackedBatchSampler(Sampler[list[int]]):
 
     def _plan(self, epoch: int) -> list[list[list[int]]]:
         # Rows and batches are planned over units (indices into self.units), then spelled out as dataset indices.
+        units = self.units
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + epoch)
+            if self._swaps:
+                units = self._swapped(generator)
             order = torch.randperm(len(self.units), generator=generator).tolist()
             rows = self._windowed_rows(order)
             rows = [rows[r] for r in torch.randperm(len(rows), generator=generator).tolist()]
@@ -657,12 +696,23 @@ class PackedBatchSampler(Sampler[list[int]]):
             batch = rows[start : start + size]
             start += size
             if self.shuffle:
-                batch = self._ordered_for_next_fit(batch)
-            flat = [index for row in batch for unit in row for index in self.units[unit]]
+                batch = self._ordered_for_next_fit(batch, units)
+            flat = [index for row in batch for unit in row for index in units[unit]]
             prompts = None if self.prompts is None else [self.prompts[i] for i in flat]
             refit = next_fit([self.sizes[i] for i in flat], self.capacity, prompts, self.rows_per_batch)
             batches.append([[flat[p] for p in row] for row in refit])
         return batches
+
+    def _swapped(self, generator: torch.Generator) -> list[list[int]]:
+        """``self.units`` with each chunk of a swap class in the place of a random chunk of its class: the gathering
+        of the epoch's shuffled chunks. Every example keeps the size of the one whose place it takes, so the plan over
+        units holds as it is."""
+        moved = list(range(len(self.sizes)))
+        for chunks in self._swaps:
+            for place, taken in zip(chunks, torch.randperm(len(chunks), generator=generator).tolist(), strict=True):
+                for index, example in zip(place, chunks[taken], strict=True):
+                    moved[index] = example
+        return [[moved[index] for index in unit] for unit in self.units]
 
     def _windowed_rows(self, order: list[int]) -> list[list[int]]:
         """Best-fit decreasing within windows of the shuffled ``order``, doubling the windows if needed.
@@ -744,7 +794,7 @@ class PackedBatchSampler(Sampler[list[int]]):
             extra -= take
         return sizes
 
-    def _ordered_for_next_fit(self, batch: list[list[int]]) -> list[list[int]]:
+    def _ordered_for_next_fit(self, batch: list[list[int]], units: list[list[int]]) -> list[list[int]]:
         # Next-fit leaves the plan only where row b's first example fits in the free space of row a before it: putting
         # the fullest rows first (least free space) and each row's longest example first keeps that from happening.
         loads = [self._load(row) for row in batch]
@@ -753,7 +803,7 @@ class PackedBatchSampler(Sampler[list[int]]):
         if self.prompts is not None:
             # Two units of one prompt (parts of a group larger than a row) must not meet at a row boundary, where
             # next-fit would take them for one run: start the next row with a unit of another prompt where it has one.
-            prompt_of = [self.prompts[unit[0]] for unit in self.units]
+            prompt_of = [self.prompts[unit[0]] for unit in units]
             for before, row in itertools.pairwise(rows):
                 other = next((u for u in row if prompt_of[u] != prompt_of[before[-1]]), None)
                 if other is not None and prompt_of[row[0]] == prompt_of[before[-1]]:

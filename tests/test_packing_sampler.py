@@ -528,6 +528,28 @@ def test_prefix_units_hold_whole_groups_and_every_pair_once(case, batch_size, pr
                 assert len({batch_of[i] for i, p in enumerate(prefixes) if p == prefix}) == 1
 
 
+def test_prefix_units_recombine_every_epoch() -> None:
+    """Where many prompts share one prefix, the pairs that share a batch change from epoch to epoch, as with TRL's
+    random sampler, while every epoch keeps the same batch count, each pair once, a prompt's pairs together and one
+    prefix key per batch. Batches of 4: 16 one-pair and 4 two-pair prompts behind one system prompt, 8 one-pair
+    prompts behind another; every gathered unit is full, so a batch is one unit."""
+    prompts = [p for p in range(20) for _ in range(1 + (p >= 16))] + list(range(20, 28))
+    prefixes = ["s" if p < 20 else "t" for p in prompts]
+    sampler = PackedBatchSampler([1] * len(prompts), 4, num_processes=2, seed=3, prompts=prompts, prefixes=prefixes)
+    assert len(sampler) == 8
+    compositions = []
+    for epoch in (0, 1):
+        batches = check_epoch(sampler, epoch)
+        assert all(len({prefixes[i] for i in batch}) == 1 for batch in batches), "one prefix key per batch"
+        batch_of = {i: b for b, batch in enumerate(batches) for i in batch}
+        for prompt in set(prompts):
+            assert len({batch_of[i] for i, p in enumerate(prompts) if p == prompt}) == 1, "a prompt's pairs together"
+        again = PackedBatchSampler([1] * len(prompts), 4, num_processes=2, seed=3, prompts=prompts, prefixes=prefixes)
+        assert again.batch_rows(epoch) == sampler.batch_rows(epoch), "deterministic for a seed and epoch"
+        compositions.append({frozenset(batch) for batch in batches})
+    assert compositions[0] != compositions[1], "the pairs that share a batch change between epochs"
+
+
 # --- prefix trees: a row's sequences share every common prefix (collators.layout_sizes) ------------------------------
 
 
