@@ -18,9 +18,11 @@ from dpo_harness import (
     CONTEXT_SENSITIVE_INIT,
     assert_same_step,
     flex_forward_errors,
+    lora_config,
     perturbed_copy,
     train_step,
 )
+from peft import PeftConfig
 from trl import DPOConfig, DPOTrainer
 from vision_models import FAMILIES, IMAGE_SIZES, build, images
 
@@ -69,11 +71,13 @@ def make_vision_trainers(
     max_length: int | None = None,
     warn: bool = False,
     ours_attn_implementation: str | None = None,
+    peft_config: PeftConfig | None = None,
     **ours: Any,
 ) -> tuple[DPOTrainer, PrefixDPOTrainer]:
     """TRL's trainer and ours on the same policy, reference (the policy with noise) and batch (the whole dataset);
     ``warn`` lets our trainer's warnings through; ``ours_attn_implementation`` gives ours another attention backend
-    (flex_attention on a GPU)."""
+    (flex_attention on a GPU); ``peft_config`` trains the same adapters on both sides against the policy with its
+    adapters disabled (no reference model)."""
     policy, processor = build(family, initializer_range=CONTEXT_SENSITIVE_INIT)
     policy.set_attn_implementation(attn_implementation)
     reference = perturbed_copy(policy)
@@ -91,10 +95,11 @@ def make_vision_trainers(
             **flags,
         )
         model = copy.deepcopy(policy)
-        reference_copy = copy.deepcopy(reference)
+        reference_copy = None if peft_config is not None else copy.deepcopy(reference)
         if trainer_cls is PrefixDPOTrainer and ours_attn_implementation is not None:
             model.set_attn_implementation(ours_attn_implementation)
-            reference_copy.set_attn_implementation(ours_attn_implementation)
+            if reference_copy is not None:
+                reference_copy.set_attn_implementation(ours_attn_implementation)
         with warnings.catch_warnings():
             if not (warn and trainer_cls is PrefixDPOTrainer):
                 warnings.simplefilter("ignore")
@@ -105,8 +110,11 @@ def make_vision_trainers(
                     args=args,
                     train_dataset=dataset,
                     processing_class=processor,
+                    peft_config=peft_config,
                 )
             )
+    if peft_config is not None:  # the same random adapters on both sides
+        trainers[1].model.load_state_dict(trainers[0].model.state_dict())
     return trainers[0], trainers[1]
 
 
@@ -170,6 +178,15 @@ def test_a_merge_of_different_images_is_caught(monkeypatch: pytest.MonkeyPatch) 
     ours_step, trl_step = train_step(ours), train_step(trl_trainer)
     with pytest.raises(AssertionError):
         assert_same_step(ours_step, trl_step)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_lora_is_exact(family: str) -> None:
+    """LoRA on every linear layer, the vision tower's too, packed; the reference is the policy without adapters."""
+    trl_trainer, ours = make_vision_trainers(family, vision_rows(), peft_config=lora_config(), **LAYOUTS["packed"])
+    ours_step, trl_step = train_step(ours), train_step(trl_trainer)
+    assert any("lora" in name and ("visual" in name or "vision_tower" in name) for name in trl_step.grads)
+    assert_same_step(ours_step, trl_step)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
