@@ -111,18 +111,8 @@ def build_trainer(config: str, policy, reference, processor, dataset, args: argp
 
 def run_epoch(trainer) -> dict[str, Any]:
     """One epoch of ``trainer.train()``: times, the vision tower's input rows, and the language model's tokens."""
-    tower_rows = []
-    towers = [
-        m
-        for model in (trainer.model, trainer.ref_model)
-        for n, m in model.named_modules()
-        if n.endswith(("vision_tower", "visual"))
-    ]
+    import vision_models
 
-    def count(module, args, kwargs, output) -> None:
-        tower_rows.append((args[0] if args else kwargs["pixel_values"]).shape[0])
-
-    handles = [tower.register_forward_hook(count, with_kwargs=True) for tower in towers]
     standard_tokens = 0
     collator = trainer.data_collator
 
@@ -134,15 +124,14 @@ def run_epoch(trainer) -> dict[str, Any]:
 
     trainer.data_collator = counting_collator
     try:
-        wall, cpu = time.perf_counter(), time.process_time()
-        trainer.train()
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        with vision_models.tower_inputs(trainer.model, trainer.ref_model) as shapes:
+            wall, cpu = time.perf_counter(), time.process_time()
+            trainer.train()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     finally:
-        for handle in handles:
-            handle.remove()
         trainer.data_collator = collator
     computed = getattr(trainer, "tokens_computed", 0) or standard_tokens
-    return {"seconds": wall, "cpu_seconds": cpu, "tower_rows": sum(tower_rows), "tokens": computed}
+    return {"seconds": wall, "cpu_seconds": cpu, "tower_rows": sum(shape[0] for shape in shapes), "tokens": computed}
 
 
 def main(argv: list[str] | None = None) -> None:

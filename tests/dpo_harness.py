@@ -105,15 +105,18 @@ def build_pair(
     ours_flags: dict[str, Any],
     tmp_path,
     trainer_kwargs: Callable[[type[Trainer]], dict[str, Any]],
+    warn_ours: bool = False,
 ) -> tuple[Trainer, Trainer]:
     """TRL's trainer and ours (``classes``: each trainer with its config class) on the same config, ours with
-    ``ours_flags`` added; ``trainer_kwargs`` gives each its models and data."""
+    ``ours_flags`` added; ``trainer_kwargs`` gives each its models and data. Warnings are silenced, except ours with
+    ``warn_ours``."""
     trainers = []
-    for (trainer_cls, config_cls), extra in zip(classes, ({}, ours_flags), strict=True):
+    for side, ((trainer_cls, config_cls), extra) in enumerate(zip(classes, ({}, ours_flags), strict=True)):
         output_dir = str(tmp_path / trainer_cls.__name__) if tmp_path is not None else "/tmp/prefix-dpo-tests"
         args = config_cls(output_dir=output_dir, **common, **extra)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            if not (warn_ours and side == 1):
+                warnings.simplefilter("ignore")
             trainers.append(trainer_cls(args=args, **trainer_kwargs(trainer_cls)))
     return trainers[0], trainers[1]
 

@@ -7,16 +7,18 @@ different image (they may share only the text before the image). Each family's t
 """
 
 import copy
+import math
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
+import vision_models
 from datasets import Dataset
 from dpo_harness import (
     CONTEXT_SENSITIVE_INIT,
     assert_same_step,
+    build_pair,
     flex_forward_errors,
     lora_config,
     perturbed_copy,
@@ -24,7 +26,7 @@ from dpo_harness import (
 )
 from peft import PeftConfig
 from trl import DPOConfig, DPOTrainer
-from vision_models import FAMILIES, IMAGE_SIZES, build, images
+from vision_models import FAMILIES, IMAGE_SIZES, build, images, tower_inputs
 
 import vision
 from prefix_dpo_trainer import PrefixDPOConfig, PrefixDPOTrainer
@@ -81,41 +83,34 @@ def make_vision_trainers(
     policy, processor = build(family, initializer_range=CONTEXT_SENSITIVE_INIT)
     policy.set_attn_implementation(attn_implementation)
     reference = perturbed_copy(policy)
-    trainers = []
-    for trainer_cls, config_cls, flags in (
-        (DPOTrainer, DPOConfig, {}),
-        (PrefixDPOTrainer, PrefixDPOConfig, {"prefix_sharing": True, **ours}),
-    ):
-        args = config_cls(
-            output_dir=f"/tmp/prefix-dpo-tests/{trainer_cls.__name__}",
-            report_to="none",
-            bf16=False,
-            per_device_train_batch_size=len(dataset),
-            max_length=max_length,
-            **flags,
-        )
+
+    def models(trainer_cls: type[DPOTrainer]) -> dict[str, Any]:
         model = copy.deepcopy(policy)
         reference_copy = None if peft_config is not None else copy.deepcopy(reference)
         if trainer_cls is PrefixDPOTrainer and ours_attn_implementation is not None:
-            model.set_attn_implementation(ours_attn_implementation)
-            if reference_copy is not None:
-                reference_copy.set_attn_implementation(ours_attn_implementation)
-        with warnings.catch_warnings():
-            if not (warn and trainer_cls is PrefixDPOTrainer):
-                warnings.simplefilter("ignore")
-            trainers.append(
-                trainer_cls(
-                    model=model,
-                    ref_model=reference_copy,
-                    args=args,
-                    train_dataset=dataset,
-                    processing_class=processor,
-                    peft_config=peft_config,
-                )
-            )
+            for each in (model, reference_copy):
+                if each is not None:
+                    each.set_attn_implementation(ours_attn_implementation)
+        return dict(
+            model=model,
+            ref_model=reference_copy,
+            train_dataset=dataset,
+            processing_class=processor,
+            peft_config=peft_config,
+        )
+
+    common = dict(report_to="none", bf16=False, per_device_train_batch_size=len(dataset), max_length=max_length)
+    trl_trainer, ours_trainer = build_pair(
+        ((DPOTrainer, DPOConfig), (PrefixDPOTrainer, PrefixDPOConfig)),
+        common,
+        {"prefix_sharing": True, **ours},
+        None,
+        models,
+        warn_ours=warn,
+    )
     if peft_config is not None:  # the same random adapters on both sides
-        trainers[1].model.load_state_dict(trainers[0].model.state_dict())
-    return trainers[0], trainers[1]
+        ours_trainer.model.load_state_dict(trl_trainer.model.state_dict())
+    return trl_trainer, ours_trainer
 
 
 # transformers 5 runs Qwen-VL models on sdpa and eager only (their classes refuse flex_attention).
@@ -139,19 +134,10 @@ def test_exact_against_trl(family: str, layout: str) -> None:
 
 
 def tower_pixels(trainer: DPOTrainer) -> int:
-    """Pixel values that reach the vision tower in one training step (forward hook on the tower)."""
-    seen = []
-    tower = next(module for name, module in trainer.model.named_modules() if name.endswith(("vision_tower", "visual")))
-
-    def count(module, args, kwargs, output) -> None:
-        seen.append((args[0] if args else kwargs["pixel_values"]).numel())
-
-    handle = tower.register_forward_hook(count, with_kwargs=True)
-    try:
+    """Pixel values that reach the vision tower in one training step."""
+    with tower_inputs(trainer.model) as shapes:
         train_step(trainer)
-    finally:
-        handle.remove()
-    return sum(seen)
+    return sum(math.prod(shape) for shape in shapes)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -216,11 +202,10 @@ def test_responses_are_cut_as_trl_cuts_them() -> None:
     """``max_length`` between the longest prompt and the longest sequence: TRL keeps each sequence's first
     ``max_length`` tokens, and so does the shared layout."""
     dataset = vision_rows()
-    _, ours = make_vision_trainers(FAMILIES[0], dataset)
-    from vision import process_vision_example
-
-    token_id = ours.model.config.image_token_id
-    lengths = [process_vision_example(ours.processing_class, row, token_id, 0, None) for row in dataset]
+    token_id = vision_models.config(FAMILIES[0]).image_token_id
+    lengths = [
+        vision.process_vision_example(vision_models.processor(FAMILIES[0]), row, token_id, 0, None) for row in dataset
+    ]
     longest_prompt = max(len(example.prompt_ids) for example in lengths)
     trl_trainer, ours = make_vision_trainers(FAMILIES[0], dataset, max_length=longest_prompt + 2)
     assert_same_step(train_step(ours), train_step(trl_trainer))
@@ -299,8 +284,7 @@ def test_cli_trains_a_vision_model_from_disk(tmp_path, capsys) -> None:
 def test_standard_format_is_exact() -> None:
     """TRL's standard (not conversational) vision format: the prompt's text holds the processor's image token."""
     first, second = images(2, seed=2)
-    _, processor = build("llava")
-    token = processor.image_token
+    token = vision_models.processor("llava").image_token
     rows = [
         {"images": [first], "prompt": f"{token} What is it?", "chosen": " A cat.", "rejected": " A dog on a mat."},
         {"images": [first], "prompt": f"{token} What is it?", "chosen": " A cat, asleep.", "rejected": " Nothing."},

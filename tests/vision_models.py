@@ -12,7 +12,9 @@ and of several sizes, so that image token counts (Qwen grids, LLaVA-NeXT's any-r
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -380,3 +382,21 @@ def images(n: int, seed: int = 0) -> list[Image.Image]:
 def _check_family(family: str) -> None:
     if family not in FAMILIES:
         raise ValueError(f"unknown vision-language family {family!r}; expected one of {FAMILIES}")
+
+
+@contextlib.contextmanager
+def tower_inputs(*models: torch.nn.Module) -> Iterator[list[torch.Size]]:
+    """Inside, the shapes of the pixel values each vision tower of ``models`` is called with, in call order (a
+    forward hook on every module named ``vision_tower`` or ``visual``)."""
+    shapes: list[torch.Size] = []
+
+    def record(module, args, kwargs, output) -> None:
+        shapes.append((args[0] if args else kwargs["pixel_values"]).shape)
+
+    towers = [m for model in models for name, m in model.named_modules() if name.endswith(("vision_tower", "visual"))]
+    handles = [tower.register_forward_hook(record, with_kwargs=True) for tower in towers]
+    try:
+        yield shapes
+    finally:
+        for handle in handles:
+            handle.remove()
